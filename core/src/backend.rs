@@ -1,0 +1,97 @@
+//! The seam between the core and the operating system.
+
+use std::io;
+use std::os::fd::RawFd;
+use std::time::Duration;
+
+use crate::{Events, Token};
+
+/// One readiness report from a backend: which registration, and which conditions hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Readiness {
+    /// The token given to [`Backend::register`] or [`Backend::reregister`].
+    pub token: Token,
+    /// The conditions that hold, as a subset of `READABLE | WRITABLE | ERROR | HANGUP`.
+    pub events: Events,
+}
+
+/// An OS readiness mechanism (poll, epoll, io_uring, ...) that an
+/// [`EventLoop`](crate::EventLoop) runs on.
+///
+/// # The contract
+///
+/// The core does all of libvirt's bookkeeping (several watches per fd, delivery masks, ids,
+/// ordering, deferred removal, timers, cross-thread wakeups), so a backend only has to keep a
+/// kernel interest set and wait on it. Every backend must follow these rules; the
+/// `vireo-conformance` suite checks each of them.
+///
+/// 1. **Threads.** Every method is called on the loop thread only, through `&mut self`.
+///    Other threads never touch a backend; they change the core's table and wake the loop,
+///    which applies the changes before its next wait. A backend may be created on one thread
+///    and used on another, so long as it is `Send`.
+/// 2. **One registration per fd number.** The core never registers an fd number that is
+///    already registered; it calls [`reregister`](Backend::reregister) to change the interest
+///    or token and [`deregister`](Backend::deregister) to stop. The core validates every fd
+///    with `fstat` before its first registration.
+/// 3. **Interest.** The `interest` passed in is a subset of `READABLE | WRITABLE` and may be
+///    empty: an empty interest still reports `ERROR` and `HANGUP`.
+/// 4. **Level-triggered.** A condition that still holds is reported again by the next
+///    [`wait`](Backend::wait); nothing is consumed for the caller and no re-arming is needed
+///    from the core. Spurious reports and spurious early returns are allowed; the core
+///    re-checks.
+/// 5. **Reported conditions.** `READABLE` and `WRITABLE` only when in the interest; `ERROR`
+///    and `HANGUP` always. Nothing else (`POLLRDHUP`, `POLLPRI`, `POLLNVAL` are never reported).
+/// 6. **Files that cannot be polled** (regular files, directories, `/dev/null`) are always
+///    ready for their whole interest, as poll(2) reports them. A backend whose kernel refuses
+///    such files (epoll's `EPERM`) emulates this.
+/// 7. **An fd closed while registered** is a contract violation by the caller. The backend
+///    must not crash, panic or spin: it reports nothing for it (poll silences `POLLNVAL`;
+///    epoll loses the registration with the last reference to the file), and a later
+///    [`deregister`](Backend::deregister) may fail with `EBADF` or `ENOENT`, which the core
+///    ignores.
+/// 8. **Timeouts.** `wait(None)` blocks until an event or a wakeup; `wait(Some(d))` returns
+///    after at most about `d`, never *before* `d` unless an event arrived (round up, never
+///    down); `Some(Duration::ZERO)` does not block. `EINTR` is a normal empty return.
+/// 9. **Wakeups.** The core owns an eventfd, registers it as an ordinary readable fd with
+///    [`Token::WAKER`] and drains it itself; a backend needs no notifier of its own.
+pub trait Backend: Sized {
+    /// A short, stable name for tables and logs: `"poll"`, `"epoll"`, ...
+    const NAME: &'static str;
+
+    /// Creates the backend's kernel object (an epoll fd, a ring, ...).
+    ///
+    /// # Errors
+    ///
+    /// Whatever the kernel says when the mechanism is unavailable.
+    fn new() -> io::Result<Self>;
+
+    /// Starts watching `fd` for `interest`, reporting it with `token`.
+    ///
+    /// # Errors
+    ///
+    /// The kernel's error (`EBADF` for an fd closed since the core checked it, `ENOMEM`, ...).
+    fn register(&mut self, fd: RawFd, token: Token, interest: Events) -> io::Result<()>;
+
+    /// Replaces the interest and token of a registered fd.
+    ///
+    /// # Errors
+    ///
+    /// The kernel's error.
+    fn reregister(&mut self, fd: RawFd, token: Token, interest: Events) -> io::Result<()>;
+
+    /// Stops watching a registered fd.
+    ///
+    /// # Errors
+    ///
+    /// The kernel's error; `EBADF` and `ENOENT` (the fd was closed while registered) are
+    /// ignored by the core.
+    fn deregister(&mut self, fd: RawFd, token: Token) -> io::Result<()>;
+
+    /// Waits for readiness or until `timeout` passes, appending reports to `ready` (which the
+    /// core clears first). At most one report per token per call.
+    ///
+    /// # Errors
+    ///
+    /// The kernel's error, other than `EINTR`.
+    fn wait(&mut self, ready: &mut Vec<Readiness>, timeout: Option<Duration>) -> io::Result<()>;
+}

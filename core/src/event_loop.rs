@@ -1,0 +1,582 @@
+//! [`EventLoop`] (owned by the thread that runs it) and [`LoopHandle`] (shared with everyone).
+
+use std::io;
+use std::os::fd::{BorrowedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use crate::table::{Due, FileIdent, Garbage, State, TimerFn, WatchFn};
+use crate::waker::Waker;
+use crate::{Backend, Error, Events, Frequency, Readiness, TimerId, Token, WatchId};
+
+struct Shared {
+    state: Mutex<State>,
+    waker: Waker,
+    quit: AtomicBool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // No user code runs under this lock, so a poisoned lock only means a panic inside the
+        // table itself; its data is still consistent enough to drop.
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// A cheap, cloneable, thread-safe handle to an [`EventLoop`]: libvirt's event API.
+///
+/// Every method may be called from any thread and from inside any callback of the loop,
+/// including the callback of the watch or timer it changes. A change made from another thread
+/// while the loop is blocked wakes it at once; changes made on the loop thread cost no wakeup.
+///
+/// Callbacks run on the loop thread, one at a time, with no lock held.
+#[derive(Clone)]
+pub struct LoopHandle {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for LoopHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoopHandle").finish_non_exhaustive()
+    }
+}
+
+/// Checks that `fd` is open and returns what file it names.
+fn file_ident(fd: RawFd) -> io::Result<FileIdent> {
+    if fd < 0 {
+        return Err(io::Error::from_raw_os_error(rustix::io::Errno::BADF.raw_os_error()));
+    }
+    // SAFETY: `fd` is non-negative, so it is a valid `BorrowedFd` value, and the borrow lives
+    // only for this one `fstat`. If the number is not open the kernel answers EBADF, which is
+    // reported to the caller; no memory is touched through the fd.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    let stat = rustix::fs::fstat(borrowed)?;
+    Ok((stat.st_dev, stat.st_ino))
+}
+
+impl LoopHandle {
+    /// Watches `fd` for `events` and calls `callback` on the loop thread whenever some hold
+    /// (libvirt's `virEventAddHandle`).
+    ///
+    /// The callback gets the handle, the watch id, the fd and the conditions that hold,
+    /// restricted to `events | ERROR | HANGUP`. It is called once per loop iteration while
+    /// they hold (level-triggered): data left unread makes it fire again. A watch whose
+    /// `events` is empty is registered but never fires. Several watches on one fd are allowed;
+    /// each gets only its own bits. The callback's captured state is dropped, exactly once and
+    /// on the loop thread, after the watch is removed (libvirt's free function).
+    ///
+    /// vireo never closes `fd`. Remove every watch on an fd before closing it: closing a
+    /// watched fd is a contract violation after which that watch stays silent (see the crate
+    /// docs, *File descriptors*).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Io`] with `EBADF` when `fd` is not an open file descriptor (the same error on
+    /// every backend), [`Error::Closed`] when the loop was dropped. A new watch is not
+    /// dispatched in the iteration that is running when it is added.
+    pub fn add_handle<F>(&self, fd: RawFd, events: Events, callback: F) -> Result<WatchId, Error>
+    where
+        F: FnMut(&LoopHandle, WatchId, RawFd, Events) + Send + 'static,
+    {
+        let ident = file_ident(fd)?;
+        let callback: Box<WatchFn> = Box::new(callback);
+        let id = {
+            let mut state = self.shared.lock();
+            if state.closed {
+                drop(state);
+                drop(callback);
+                return Err(Error::Closed);
+            }
+            state.add_watch(fd, ident, events, callback)
+        };
+        self.shared.waker.changed();
+        Ok(id)
+    }
+
+    /// Replaces the set of conditions a watch waits for (libvirt's `virEventUpdateHandle`).
+    ///
+    /// An empty set pauses the watch without removing it. Updating a watch to its current set
+    /// costs nothing; pausing and resuming within one iteration costs no system call.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownWatch`] when the id was never returned by this loop or was removed;
+    /// [`Error::Closed`] when the loop was dropped.
+    pub fn update_handle(&self, id: WatchId, events: Events) -> Result<(), Error> {
+        {
+            let mut state = self.shared.lock();
+            if state.closed {
+                return Err(Error::Closed);
+            }
+            if !state.update_watch(id, events) {
+                return Err(Error::UnknownWatch(id));
+            }
+        }
+        self.shared.waker.changed();
+        Ok(())
+    }
+
+    /// Removes a watch (libvirt's `virEventRemoveHandle`). The fd is not closed.
+    ///
+    /// From the moment this returns the watch never fires again, even if its event was already
+    /// in the batch being dispatched. Its callback's state is dropped later on the loop thread
+    /// (at the end of the running iteration, or at the start of the next one), never inside
+    /// this call. The fd may be closed as soon as this returns.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownWatch`] when the id is unknown or already removed; [`Error::Closed`]
+    /// when the loop was dropped.
+    pub fn remove_handle(&self, id: WatchId) -> Result<(), Error> {
+        {
+            let mut state = self.shared.lock();
+            if state.closed {
+                return Err(Error::Closed);
+            }
+            if !state.remove_watch(id) {
+                return Err(Error::UnknownWatch(id));
+            }
+        }
+        self.shared.waker.changed();
+        Ok(())
+    }
+
+    /// Adds a timer that calls `callback` on the loop thread at `frequency`
+    /// (libvirt's `virEventAddTimeout`).
+    ///
+    /// A periodic timer's first deadline is one period from now. A timer added during an
+    /// iteration is first considered in the next one.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Closed`] when the loop was dropped.
+    pub fn add_timeout<F>(&self, frequency: Frequency, callback: F) -> Result<TimerId, Error>
+    where
+        F: FnMut(&LoopHandle, TimerId) + Send + 'static,
+    {
+        let callback: Box<TimerFn> = Box::new(callback);
+        let id = {
+            let mut state = self.shared.lock();
+            if state.closed {
+                drop(state);
+                drop(callback);
+                return Err(Error::Closed);
+            }
+            state.add_timer(frequency, callback, Instant::now())
+        };
+        self.shared.waker.changed();
+        Ok(id)
+    }
+
+    /// Changes a timer's frequency (libvirt's `virEventUpdateTimeout`). A period restarts from
+    /// now, also when it is unchanged. Works from inside the timer's own callback.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownTimer`] when the id is unknown or removed; [`Error::Closed`] when the
+    /// loop was dropped.
+    pub fn update_timeout(&self, id: TimerId, frequency: Frequency) -> Result<(), Error> {
+        {
+            let mut state = self.shared.lock();
+            if state.closed {
+                return Err(Error::Closed);
+            }
+            if !state.update_timer(id, frequency, Instant::now()) {
+                return Err(Error::UnknownTimer(id));
+            }
+        }
+        self.shared.waker.changed();
+        Ok(())
+    }
+
+    /// Removes a timer (libvirt's `virEventRemoveTimeout`). It never fires again, even if it
+    /// was due in the running iteration; its callback's state is dropped later on the loop
+    /// thread, never inside this call.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::UnknownTimer`] when the id is unknown or already removed; [`Error::Closed`]
+    /// when the loop was dropped.
+    pub fn remove_timeout(&self, id: TimerId) -> Result<(), Error> {
+        {
+            let mut state = self.shared.lock();
+            if state.closed {
+                return Err(Error::Closed);
+            }
+            if !state.remove_timer(id) {
+                return Err(Error::UnknownTimer(id));
+            }
+        }
+        self.shared.waker.changed();
+        Ok(())
+    }
+
+    /// Runs `f` once on the loop thread, after the timers and watches of the next iteration,
+    /// in the order of the `invoke` calls. This is how a worker thread hands a result back to
+    /// the loop. The loop does not block while closures are queued.
+    ///
+    /// Closures still queued when the loop is dropped are dropped without running.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Closed`] when the loop was dropped (`f` is dropped).
+    pub fn invoke<F>(&self, f: F) -> Result<(), Error>
+    where
+        F: FnOnce(&LoopHandle) + Send + 'static,
+    {
+        {
+            let mut state = self.shared.lock();
+            if state.closed {
+                drop(state);
+                drop(f);
+                return Err(Error::Closed);
+            }
+            state.invokes.push_back(Box::new(f));
+        }
+        self.shared.waker.changed();
+        Ok(())
+    }
+
+    /// Asks [`EventLoop::run`] to return after its current iteration; wakes it if it is
+    /// blocked. A quit requested while `run` is not running makes the next `run` return after
+    /// at most one iteration.
+    pub fn quit(&self) {
+        self.shared.quit.store(true, Ordering::SeqCst);
+        self.shared.waker.changed();
+    }
+}
+
+/// Counters describing what a loop has done, for tests and benchmarks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct LoopStats {
+    /// Completed calls to the backend's wait.
+    pub iterations: u64,
+    /// Callbacks run (watches, timers and invoked closures).
+    pub dispatched: u64,
+    /// Registrations, modifications and deregistrations sent to the backend.
+    pub kernel_changes: u64,
+    /// Writes to the wakeup eventfd (only made while the loop was asleep).
+    pub wake_writes: u64,
+}
+
+/// Holds a watch callback while it runs and returns it to the table afterwards, also when it
+/// panics, so the watch stays usable.
+struct RunningWatch<'a> {
+    shared: &'a Shared,
+    id: WatchId,
+    cb: Option<Box<WatchFn>>,
+}
+
+impl Drop for RunningWatch<'_> {
+    fn drop(&mut self) {
+        let mut state = self.shared.lock();
+        if let (Some(w), Some(cb)) = (state.watches.get_mut(&self.id), self.cb.take()) {
+            w.cb = Some(cb);
+        }
+        // Removed entries stay in the table until the next purge, so nothing is left here to
+        // drop under the lock.
+    }
+}
+
+/// The same for a timer callback.
+struct RunningTimer<'a> {
+    shared: &'a Shared,
+    id: TimerId,
+    cb: Option<Box<TimerFn>>,
+}
+
+impl Drop for RunningTimer<'_> {
+    fn drop(&mut self) {
+        let mut state = self.shared.lock();
+        if let (Some(t), Some(cb)) = (state.timers.get_mut(&self.id), self.cb.take()) {
+            t.cb = Some(cb);
+        }
+    }
+}
+
+/// An event loop on backend `B` (libvirt's `virEventRunDefaultImpl` and the state behind it).
+///
+/// The loop is driven by the thread that owns it, through [`run_once`](EventLoop::run_once)
+/// or [`run`](EventLoop::run); every other interaction goes through a [`LoopHandle`].
+///
+/// # One iteration
+///
+/// 1. Drop the state of watches and timers removed since the last purge.
+/// 2. Send the net interest change of every changed fd to the backend (nothing for an fd
+///    whose watches were removed and re-added, or paused and resumed, in between).
+/// 3. Wait until an fd is ready, the earliest timer is due, or another thread changes
+///    something. The wait does not block while an every-iteration timer exists or
+///    closures are queued.
+/// 4. Dispatch, in this order: due timers by deadline then id; ready watches in ascending id
+///    order; queued closures in FIFO order. Only what existed when dispatch began is
+///    considered; anything removed meanwhile is skipped.
+/// 5. Purge again.
+///
+/// A callback that panics unwinds out of `run_once`; the loop stays consistent and usable
+/// (the watch or timer stays registered, other ready watches fire in the next iteration,
+/// timers that were due but had not run yet stay due).
+///
+/// Dropping the loop drops every remaining callback on the dropping thread; handles then
+/// return [`Error::Closed`].
+pub struct EventLoop<B: Backend> {
+    backend: B,
+    handle: LoopHandle,
+    ready: Vec<Readiness>,
+    candidates: Vec<(WatchId, Events)>,
+    due: Vec<Due>,
+    /// Index into `due` of the next timer to dispatch; `due[due_next..]` survive a panic.
+    due_next: usize,
+    iterations: u64,
+    dispatched: u64,
+}
+
+impl<B: Backend> std::fmt::Debug for EventLoop<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventLoop")
+            .field("backend", &B::NAME)
+            .field("iterations", &self.iterations)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B: Backend> EventLoop<B> {
+    /// Creates a loop on a new instance of backend `B`.
+    ///
+    /// # Errors
+    ///
+    /// The backend's creation error, or the eventfd's.
+    pub fn new() -> io::Result<Self> {
+        Self::with_backend(B::new()?)
+    }
+
+    /// Creates a loop on an existing backend instance.
+    ///
+    /// # Errors
+    ///
+    /// When the backend refuses to register the loop's wakeup eventfd.
+    pub fn with_backend(mut backend: B) -> io::Result<Self> {
+        let waker = Waker::new()?;
+        backend.register(waker.raw_fd(), Token::WAKER, Events::READABLE)?;
+        Ok(EventLoop {
+            backend,
+            handle: LoopHandle {
+                shared: Arc::new(Shared {
+                    state: Mutex::new(State::default()),
+                    waker,
+                    quit: AtomicBool::new(false),
+                }),
+            },
+            ready: Vec::with_capacity(256),
+            candidates: Vec::with_capacity(256),
+            due: Vec::new(),
+            due_next: 0,
+            iterations: 0,
+            dispatched: 0,
+        })
+    }
+
+    /// The loop's handle; clone it freely and send it to other threads.
+    pub fn handle(&self) -> &LoopHandle {
+        &self.handle
+    }
+
+    /// The backend's name (`"poll"`, `"epoll"`, ...).
+    pub fn backend_name(&self) -> &'static str {
+        B::NAME
+    }
+
+    /// The backend, for inspection.
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// What the loop has done so far.
+    pub fn stats(&self) -> LoopStats {
+        let kernel_changes = self.handle.shared.lock().kernel_changes;
+        LoopStats {
+            iterations: self.iterations,
+            dispatched: self.dispatched,
+            kernel_changes,
+            wake_writes: self.handle.shared.waker.writes(),
+        }
+    }
+
+    /// Runs one iteration, blocking as long as needed (forever if nothing is registered and no
+    /// other thread ever wakes the loop). Returns the number of callbacks run, which may be 0
+    /// after a wakeup.
+    ///
+    /// # Errors
+    ///
+    /// The backend's error from applying interest changes or from waiting. The loop stays
+    /// usable; a failed interest change is retried in the next iteration.
+    ///
+    /// # Panics
+    ///
+    /// Unwinds with the panic of a callback (see the type's docs).
+    pub fn run_once(&mut self) -> io::Result<usize> {
+        self.iterate(None)
+    }
+
+    /// Runs one iteration, blocking at most `max_wait`. Returns the number of callbacks run.
+    ///
+    /// # Errors
+    ///
+    /// As [`run_once`](EventLoop::run_once).
+    ///
+    /// # Panics
+    ///
+    /// Unwinds with the panic of a callback.
+    pub fn run_once_timeout(&mut self, max_wait: Duration) -> io::Result<usize> {
+        self.iterate(Some(max_wait))
+    }
+
+    /// Runs iterations until [`LoopHandle::quit`] is called, then returns.
+    ///
+    /// # Errors
+    ///
+    /// The first error of [`run_once`](EventLoop::run_once).
+    ///
+    /// # Panics
+    ///
+    /// Unwinds with the panic of a callback.
+    pub fn run(&mut self) -> io::Result<()> {
+        loop {
+            if self.handle.shared.quit.swap(false, Ordering::SeqCst) {
+                return Ok(());
+            }
+            self.iterate(None)?;
+        }
+    }
+
+    fn purge(&mut self) {
+        let mut garbage = Garbage::default();
+        self.handle.shared.lock().purge(&mut garbage);
+        // Dropped here: on the loop thread, with no lock held.
+        drop(garbage);
+    }
+
+    fn iterate(&mut self, max_wait: Option<Duration>) -> io::Result<usize> {
+        let shared = Arc::clone(&self.handle.shared);
+        if self.due_next < self.due.len() {
+            // A timer callback panicked in the previous iteration.
+            shared.lock().restore_due(&self.due[self.due_next..]);
+        }
+        self.due.clear();
+        self.due_next = 0;
+        self.purge();
+
+        let (timeout, seen) = {
+            let mut state = shared.lock();
+            state.sync(&mut self.backend)?;
+            let mut timeout = state.timeout(Instant::now());
+            if shared.quit.load(Ordering::SeqCst) {
+                timeout = Some(Duration::ZERO);
+            }
+            (timeout, shared.waker.seq())
+        };
+        let timeout = match (timeout, max_wait) {
+            (Some(t), Some(m)) => Some(t.min(m)),
+            (t, m) => t.or(m),
+        };
+        let timeout = if shared.waker.sleep(seen) {
+            timeout
+        } else {
+            Some(Duration::ZERO)
+        };
+        self.ready.clear();
+        let waited = self.backend.wait(&mut self.ready, timeout);
+        shared.waker.awake();
+        waited?;
+        self.iterations += 1;
+
+        let now = Instant::now();
+        self.candidates.clear();
+        {
+            let state = shared.lock();
+            for r in &self.ready {
+                if r.token == Token::WAKER {
+                    shared.waker.drain();
+                } else {
+                    state.resolve(r.token, r.events, &mut self.candidates);
+                }
+            }
+        }
+        self.candidates.sort_unstable_by_key(|c| c.0);
+        shared.lock().collect_due(now, &mut self.due);
+
+        let mut count = 0;
+        while self.due_next < self.due.len() {
+            let due = self.due[self.due_next];
+            self.due_next += 1;
+            let Some(cb) = shared.lock().start_timer(&due, now) else {
+                continue;
+            };
+            let mut running = RunningTimer {
+                shared: &shared,
+                id: due.id,
+                cb: Some(cb),
+            };
+            count += 1;
+            self.dispatched += 1;
+            if let Some(cb) = running.cb.as_mut() {
+                cb(&self.handle, due.id);
+            }
+            drop(running);
+        }
+
+        for i in 0..self.candidates.len() {
+            let (id, ready) = self.candidates[i];
+            let taken = {
+                let mut state = shared.lock();
+                match state.watches.get_mut(&id) {
+                    Some(w) if !w.removed && !w.events.is_empty() => {
+                        let deliver = ready & (w.events | Events::ALWAYS);
+                        if deliver.is_empty() {
+                            None
+                        } else {
+                            w.cb.take().map(|cb| (cb, w.fd, deliver))
+                        }
+                    }
+                    _ => None,
+                }
+            };
+            let Some((cb, fd, deliver)) = taken else {
+                continue;
+            };
+            count += 1;
+            self.dispatched += 1;
+            let mut running = RunningWatch {
+                shared: &shared,
+                id,
+                cb: Some(cb),
+            };
+            if let Some(cb) = running.cb.as_mut() {
+                cb(&self.handle, id, fd, deliver);
+            }
+            drop(running);
+        }
+
+        let queued = shared.lock().invokes.len();
+        for _ in 0..queued {
+            let Some(f) = shared.lock().invokes.pop_front() else {
+                break;
+            };
+            count += 1;
+            self.dispatched += 1;
+            f(&self.handle);
+        }
+
+        self.purge();
+        Ok(count)
+    }
+}
+
+impl<B: Backend> Drop for EventLoop<B> {
+    fn drop(&mut self) {
+        let mut garbage = Garbage::default();
+        self.handle.shared.lock().clear(&mut garbage);
+        drop(garbage);
+    }
+}

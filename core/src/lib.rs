@@ -1,0 +1,133 @@
+//! The backend-agnostic core of vireo: libvirt's event loop in Rust.
+//!
+//! An [`EventLoop`] watches file descriptors and runs timers on one thread; a [`LoopHandle`]
+//! (cheap to clone, `Send + Sync`) lets any thread, and any callback, add, update and remove
+//! *handles* (fd watches) and *timeouts*, run a closure on the loop thread, or stop the loop.
+//! The operating system is reached through a [`Backend`] (poll, epoll, ... in the
+//! `vireo-backends` crate); the core implements every rule of the event API once so that all
+//! backends behave identically.
+//!
+//! # Example
+//!
+//! The core is generic over its backend; this example brings a tiny one built on `poll(2)`
+//! so that it runs without other crates. Real programs use `vireo::EventLoop`, which picks
+//! the best backend compiled in.
+//!
+//! ```
+//! use std::io;
+//! use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+//! use std::sync::{Arc, Mutex};
+//! use std::time::Duration;
+//! use rustix::event::{PollFd, PollFlags};
+//! use vireo_core::{Backend, EventLoop, Events, Readiness, Token};
+//!
+//! /// Just enough of a poll(2) backend for the example.
+//! struct TinyPoll(Vec<(RawFd, Token, Events)>);
+//!
+//! impl Backend for TinyPoll {
+//!     const NAME: &'static str = "tiny-poll";
+//!     fn new() -> io::Result<Self> { Ok(TinyPoll(Vec::new())) }
+//!     fn register(&mut self, fd: RawFd, t: Token, i: Events) -> io::Result<()> {
+//!         self.0.push((fd, t, i));
+//!         Ok(())
+//!     }
+//!     fn reregister(&mut self, fd: RawFd, t: Token, i: Events) -> io::Result<()> {
+//!         self.deregister(fd, t)?;
+//!         self.register(fd, t, i)
+//!     }
+//!     fn deregister(&mut self, fd: RawFd, _: Token) -> io::Result<()> {
+//!         self.0.retain(|e| e.0 != fd);
+//!         Ok(())
+//!     }
+//!     fn wait(&mut self, ready: &mut Vec<Readiness>, timeout: Option<Duration>) -> io::Result<()> {
+//!         let mut fds: Vec<PollFd<'_>> = self.0.iter().map(|&(fd, _, i)| {
+//!             let mut f = PollFlags::empty();
+//!             if i.contains(Events::READABLE) { f |= PollFlags::IN; }
+//!             if i.contains(Events::WRITABLE) { f |= PollFlags::OUT; }
+//!             // SAFETY: the example keeps every registered fd open while it is registered.
+//!             PollFd::from_borrowed_fd(unsafe { BorrowedFd::borrow_raw(fd) }, f)
+//!         }).collect();
+//!         let ts = timeout.map(|d| d.try_into().unwrap());
+//!         rustix::event::poll(&mut fds, ts.as_ref())?;
+//!         for (pfd, &(_, token, _)) in fds.iter().zip(&self.0) {
+//!             let r = pfd.revents();
+//!             let mut events = Events::empty();
+//!             if r.contains(PollFlags::IN) { events |= Events::READABLE; }
+//!             if r.contains(PollFlags::OUT) { events |= Events::WRITABLE; }
+//!             if r.contains(PollFlags::HUP) { events |= Events::HANGUP; }
+//!             if !events.is_empty() { ready.push(Readiness { token, events }); }
+//!         }
+//!         Ok(())
+//!     }
+//! }
+//!
+//! # fn main() -> io::Result<()> {
+//! let mut event_loop = EventLoop::<TinyPoll>::new()?;
+//! let (reader, writer) = rustix::pipe::pipe()?;
+//! let received = Arc::new(Mutex::new(Vec::new()));
+//! let sink = Arc::clone(&received);
+//! event_loop.handle().add_handle(reader.as_raw_fd(), Events::READABLE, move |h, id, fd, ev| {
+//!     assert!(ev.contains(Events::READABLE));
+//!     // SAFETY: `reader` outlives the watch in this example.
+//!     let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+//!     let mut buf = [0u8; 16];
+//!     let n = rustix::io::read(fd, &mut buf).unwrap();
+//!     sink.lock().unwrap().extend_from_slice(&buf[..n]);
+//!     h.remove_handle(id).unwrap();
+//!     h.quit();
+//! })?;
+//! rustix::io::write(&writer, b"ping")?;
+//! event_loop.run()?;
+//! assert_eq!(&received.lock().unwrap()[..], b"ping");
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # The rules every backend shares
+//!
+//! - **Level-triggered**: a condition that still holds fires again on the next iteration.
+//! - **Delivery mask**: a watch receives `ready & (its events | ERROR | HANGUP)`, and only when
+//!   that is non-empty and its own events are non-empty. An fd whose watches are all empty is
+//!   not in the kernel set.
+//! - **Several watches per fd**: one kernel registration per fd with the union of interests.
+//! - **Ids** start at 1, count watches and timers separately and are never reused.
+//! - **Order** within an iteration: due timers by deadline then id, ready watches by id, then
+//!   closures from [`LoopHandle::invoke`].
+//! - **Deferred removal**: removed entries are skipped at once and their state is dropped on
+//!   the loop thread at the next purge point, never inside `remove_*` and never under a lock.
+//! - **Timers** never fire early and do not drift.
+//! - **Wakeups** from other threads are immediate and cost one eventfd write per sleep.
+//!
+//! # File descriptors
+//!
+//! The same on every backend:
+//!
+//! - **Invalid fd** (negative, or not open) at add: [`Error::Io`] with `EBADF`.
+//! - **Regular files, directories and other files that cannot be polled** are always ready for
+//!   the watch's whole interest (poll(2)'s answer; epoll, which refuses them, is emulated).
+//! - **A `dup`'d fd** is a separate fd: watches on it and on the original are independent, and
+//!   removing one leaves the other working.
+//! - **Remove, close, reopen, re-add**: allowed at any time, also within one iteration. The
+//!   core compares the file's identity (`st_dev`, `st_ino`) at add and re-registers the new
+//!   file, so no event of the old file ever reaches the new watch.
+//! - **Closing an fd while it is watched** is a contract violation. vireo neither crashes nor
+//!   spins: the watch stays silent, and removing it afterwards succeeds and drops its state
+//!   once. (If another fd still refers to the same open file, epoll keeps reporting that file
+//!   while poll reports nothing; which one you get is unspecified, so remove first.)
+#![deny(missing_docs)]
+
+mod backend;
+mod error;
+mod event_loop;
+mod events;
+mod frequency;
+mod id;
+mod table;
+mod waker;
+
+pub use backend::{Backend, Readiness};
+pub use error::Error;
+pub use event_loop::{EventLoop, LoopHandle, LoopStats};
+pub use events::Events;
+pub use frequency::Frequency;
+pub use id::{TimerId, Token, WatchId};

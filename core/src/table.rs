@@ -1,0 +1,474 @@
+//! The loop's shared table: watches, the per-fd aggregation, timers, queued closures.
+//!
+//! Everything here runs under the state mutex and never calls user code.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::io;
+use std::os::fd::RawFd;
+use std::time::{Duration, Instant};
+
+use slab::Slab;
+
+use crate::{Backend, Events, Frequency, LoopHandle, TimerId, Token, WatchId};
+
+pub(crate) type WatchFn = dyn FnMut(&LoopHandle, WatchId, RawFd, Events) + Send;
+pub(crate) type TimerFn = dyn FnMut(&LoopHandle, TimerId) + Send;
+pub(crate) type InvokeFn = dyn FnOnce(&LoopHandle) + Send;
+
+/// A hasher for the table's integer keys (ids and fd numbers): one multiply, no DoS concern
+/// because the keys are chosen by the loop or the kernel, not by a remote peer.
+#[derive(Default)]
+pub(crate) struct IntHasher(u64);
+
+impl Hasher for IntHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(*b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    }
+    fn write_i32(&mut self, n: i32) {
+        self.write_u64(n as u32 as u64);
+    }
+}
+
+type IntMap<K, V> = HashMap<K, V, BuildHasherDefault<IntHasher>>;
+
+/// What identifies the file behind an fd number: `(st_dev, st_ino)` from `fstat`.
+pub(crate) type FileIdent = (u64, u64);
+
+pub(crate) struct Watch {
+    pub(crate) fd: RawFd,
+    fd_slot: usize,
+    pub(crate) events: Events,
+    pub(crate) removed: bool,
+    /// `None` only while the callback runs.
+    pub(crate) cb: Option<Box<WatchFn>>,
+}
+
+/// One kernel registration, shared by every watch on the same fd number.
+struct FdEntry {
+    fd: RawFd,
+    ident: FileIdent,
+    /// Live (not removed) watches, ascending id order.
+    watches: Vec<WatchId>,
+    /// The interest the backend has now; `None` when not registered.
+    kernel: Option<Events>,
+    token: Token,
+    dirty: bool,
+    /// A different file now has this number: re-register from scratch with a new token.
+    reopened: bool,
+}
+
+pub(crate) struct Timer {
+    freq: Frequency,
+    generation: u64,
+    pub(crate) removed: bool,
+    /// `None` only while the callback runs.
+    pub(crate) cb: Option<Box<TimerFn>>,
+}
+
+/// A timer found due at the start of dispatch.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Due {
+    pub(crate) deadline: Instant,
+    pub(crate) id: TimerId,
+    generation: u64,
+}
+
+/// Callback state to drop outside the lock.
+#[derive(Default)]
+pub(crate) struct Garbage {
+    watches: Vec<Box<WatchFn>>,
+    timers: Vec<Box<TimerFn>>,
+    invokes: Vec<Box<InvokeFn>>,
+}
+
+#[derive(Default)]
+pub(crate) struct State {
+    pub(crate) closed: bool,
+    next_watch: u64,
+    next_timer: u64,
+    next_generation: u32,
+    pub(crate) watches: IntMap<WatchId, Watch>,
+    fds: Slab<FdEntry>,
+    fd_index: IntMap<RawFd, usize>,
+    dirty: Vec<usize>,
+    pub(crate) timers: IntMap<TimerId, Timer>,
+    heap: BinaryHeap<Reverse<(Instant, TimerId, u64)>>,
+    every: BTreeSet<TimerId>,
+    pub(crate) invokes: VecDeque<Box<InvokeFn>>,
+    removed_watches: Vec<WatchId>,
+    removed_timers: Vec<TimerId>,
+    pub(crate) kernel_changes: u64,
+}
+
+fn ignorable_deregister_error(e: &io::Error) -> bool {
+    matches!(
+        rustix::io::Errno::from_io_error(e),
+        Some(rustix::io::Errno::BADF | rustix::io::Errno::NOENT)
+    )
+}
+
+impl State {
+    fn generation(&mut self) -> u32 {
+        self.next_generation = self.next_generation.wrapping_add(1);
+        self.next_generation
+    }
+
+    fn mark_dirty(&mut self, slot: usize) {
+        let entry = &mut self.fds[slot];
+        if !entry.dirty {
+            entry.dirty = true;
+            self.dirty.push(slot);
+        }
+    }
+
+    pub(crate) fn add_watch(
+        &mut self,
+        fd: RawFd,
+        ident: FileIdent,
+        events: Events,
+        cb: Box<WatchFn>,
+    ) -> WatchId {
+        self.next_watch += 1;
+        let id = WatchId(self.next_watch);
+        let slot = match self.fd_index.get(&fd) {
+            Some(&slot) => {
+                let entry = &mut self.fds[slot];
+                if entry.ident != ident {
+                    // The number was closed and reused (after its watches were removed, or in
+                    // violation of the contract): the kernel registration, if any, is not for
+                    // this file.
+                    entry.ident = ident;
+                    entry.reopened = true;
+                    self.mark_dirty(slot);
+                }
+                slot
+            }
+            None => {
+                let generation = self.generation();
+                let entry = self.fds.vacant_entry();
+                let slot = entry.key();
+                entry.insert(FdEntry {
+                    fd,
+                    ident,
+                    watches: Vec::new(),
+                    kernel: None,
+                    token: Token::new(slot, generation),
+                    dirty: false,
+                    reopened: false,
+                });
+                self.fd_index.insert(fd, slot);
+                // An entry with no watch after sync is freed; make sure sync sees it.
+                self.mark_dirty(slot);
+                slot
+            }
+        };
+        self.fds[slot].watches.push(id);
+        if !events.is_empty() {
+            self.mark_dirty(slot);
+        }
+        self.watches.insert(
+            id,
+            Watch {
+                fd,
+                fd_slot: slot,
+                events,
+                removed: false,
+                cb: Some(cb),
+            },
+        );
+        id
+    }
+
+    /// Returns false for an unknown or removed id.
+    pub(crate) fn update_watch(&mut self, id: WatchId, events: Events) -> bool {
+        let Some(watch) = self.watches.get_mut(&id).filter(|w| !w.removed) else {
+            return false;
+        };
+        if watch.events != events {
+            watch.events = events;
+            let slot = watch.fd_slot;
+            self.mark_dirty(slot);
+        }
+        true
+    }
+
+    /// Returns false for an unknown or removed id.
+    pub(crate) fn remove_watch(&mut self, id: WatchId) -> bool {
+        let Some(watch) = self.watches.get_mut(&id).filter(|w| !w.removed) else {
+            return false;
+        };
+        watch.removed = true;
+        let slot = watch.fd_slot;
+        self.fds[slot].watches.retain(|w| *w != id);
+        self.mark_dirty(slot);
+        self.removed_watches.push(id);
+        true
+    }
+
+    pub(crate) fn add_timer(&mut self, freq: Frequency, cb: Box<TimerFn>, now: Instant) -> TimerId {
+        self.next_timer += 1;
+        let id = TimerId(self.next_timer);
+        self.timers.insert(
+            id,
+            Timer {
+                freq: Frequency::Disabled,
+                generation: 0,
+                removed: false,
+                cb: Some(cb),
+            },
+        );
+        self.set_timer(id, freq, now);
+        id
+    }
+
+    fn set_timer(&mut self, id: TimerId, freq: Frequency, now: Instant) {
+        let freq = freq.normalized();
+        let timer = self.timers.get_mut(&id).expect("timer present");
+        timer.generation += 1;
+        timer.freq = freq;
+        let generation = timer.generation;
+        match freq {
+            Frequency::EveryIteration => {
+                self.every.insert(id);
+            }
+            Frequency::Period(p) => {
+                self.every.remove(&id);
+                self.heap.push(Reverse((now + p, id, generation)));
+            }
+            Frequency::Disabled => {
+                self.every.remove(&id);
+            }
+        }
+        // Updated and removed timers leave stale heap entries behind; rebuild before they
+        // outnumber the live ones.
+        if self.heap.len() > 64 && self.heap.len() > 2 * self.timers.len() {
+            let timers = &self.timers;
+            self.heap.retain(|Reverse((_, id, g))| {
+                timers
+                    .get(id)
+                    .is_some_and(|t| !t.removed && t.generation == *g)
+            });
+        }
+    }
+
+    /// Returns false for an unknown or removed id.
+    pub(crate) fn update_timer(&mut self, id: TimerId, freq: Frequency, now: Instant) -> bool {
+        if !self.timers.get(&id).is_some_and(|t| !t.removed) {
+            return false;
+        }
+        self.set_timer(id, freq, now);
+        true
+    }
+
+    /// Returns false for an unknown or removed id.
+    pub(crate) fn remove_timer(&mut self, id: TimerId) -> bool {
+        let Some(timer) = self.timers.get_mut(&id).filter(|t| !t.removed) else {
+            return false;
+        };
+        timer.removed = true;
+        timer.generation += 1;
+        self.every.remove(&id);
+        self.removed_timers.push(id);
+        true
+    }
+
+    /// Takes the state of removed watches and timers out of the table, to be dropped by the
+    /// caller once the lock is released.
+    pub(crate) fn purge(&mut self, garbage: &mut Garbage) {
+        for id in self.removed_watches.drain(..) {
+            if let Some(watch) = self.watches.remove(&id) {
+                garbage.watches.extend(watch.cb);
+            }
+        }
+        for id in self.removed_timers.drain(..) {
+            if let Some(timer) = self.timers.remove(&id) {
+                garbage.timers.extend(timer.cb);
+            }
+        }
+    }
+
+    /// Everything, for the loop's drop.
+    pub(crate) fn clear(&mut self, garbage: &mut Garbage) {
+        self.closed = true;
+        garbage
+            .watches
+            .extend(self.watches.drain().filter_map(|(_, w)| w.cb));
+        garbage
+            .timers
+            .extend(self.timers.drain().filter_map(|(_, t)| t.cb));
+        garbage.invokes.extend(self.invokes.drain(..));
+        self.fds.clear();
+        self.fd_index.clear();
+        self.dirty.clear();
+        self.heap.clear();
+        self.every.clear();
+    }
+
+    /// Applies the net change of every dirty fd to the backend.
+    ///
+    /// On an error the failed fd stays dirty (retried next iteration) and the first error is
+    /// returned after the other fds were synced.
+    pub(crate) fn sync<B: Backend>(&mut self, backend: &mut B) -> io::Result<()> {
+        let mut first_error = None;
+        let dirty = std::mem::take(&mut self.dirty);
+        let mut retry = Vec::new();
+        for &slot in &dirty {
+            let entry = &mut self.fds[slot];
+            entry.dirty = false;
+            let fd = entry.fd;
+            let mut want: Option<Events> = None;
+            for id in &entry.watches {
+                let events = self.watches[id].events;
+                if !events.is_empty() {
+                    *want.get_or_insert(Events::empty()) |= events & Events::INTEREST;
+                }
+            }
+            if entry.reopened {
+                entry.reopened = false;
+                if entry.kernel.take().is_some() {
+                    self.kernel_changes += 1;
+                    // The number now names another file: this fails or removes a registration
+                    // the kernel kept for the old file under the same (file, fd) key.
+                    let _ = backend.deregister(fd, entry.token);
+                }
+                self.next_generation = self.next_generation.wrapping_add(1);
+                entry.token = Token::new(slot, self.next_generation);
+            }
+            let result = match (entry.kernel, want) {
+                (old, new) if old == new => Ok(()),
+                (None, Some(new)) => backend.register(fd, entry.token, new),
+                (Some(_), Some(new)) => backend.reregister(fd, entry.token, new),
+                (Some(_), None) => backend
+                    .deregister(fd, entry.token)
+                    .or_else(|e| if ignorable_deregister_error(&e) { Ok(()) } else { Err(e) }),
+                (None, None) => unreachable!("covered by the equality arm"),
+            };
+            if entry.kernel != want {
+                self.kernel_changes += 1;
+            }
+            match result {
+                Ok(()) => entry.kernel = want,
+                // The fd was closed after the watch was added (a contract violation): it stays
+                // silent, as a closed fd does on every backend.
+                Err(e) if want.is_some() && ignorable_deregister_error(&e) => entry.kernel = want,
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                    retry.push(slot);
+                    continue;
+                }
+            }
+            if entry.watches.is_empty() && entry.kernel.is_none() {
+                self.fd_index.remove(&fd);
+                self.fds.remove(slot);
+            }
+        }
+        let mut dirty = dirty;
+        dirty.clear();
+        self.dirty = dirty;
+        for slot in retry {
+            self.mark_dirty(slot);
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// The timeout until the earliest periodic deadline; `Some(ZERO)` when an every-iteration
+    /// timer exists or closures are queued; `None` when nothing is scheduled.
+    pub(crate) fn timeout(&mut self, now: Instant) -> Option<Duration> {
+        if !self.every.is_empty() || !self.invokes.is_empty() {
+            return Some(Duration::ZERO);
+        }
+        while let Some(Reverse((deadline, id, generation))) = self.heap.peek() {
+            if self.is_current(*id, *generation) {
+                return Some(deadline.saturating_duration_since(now));
+            }
+            self.heap.pop();
+        }
+        None
+    }
+
+    fn is_current(&self, id: TimerId, generation: u64) -> bool {
+        self.timers
+            .get(&id)
+            .is_some_and(|t| !t.removed && t.generation == generation)
+    }
+
+    /// Moves every timer due at `now` into `due`, sorted by deadline then id.
+    pub(crate) fn collect_due(&mut self, now: Instant, due: &mut Vec<Due>) {
+        while let Some(&Reverse((deadline, id, generation))) = self.heap.peek() {
+            if deadline > now {
+                break;
+            }
+            self.heap.pop();
+            if self.is_current(id, generation) {
+                due.push(Due {
+                    deadline,
+                    id,
+                    generation,
+                });
+            }
+        }
+        for &id in &self.every {
+            due.push(Due {
+                deadline: now,
+                id,
+                generation: self.timers[&id].generation,
+            });
+        }
+        due.sort_unstable_by_key(|d| (d.deadline, d.id));
+    }
+
+    /// Puts back due timers that a panic kept from running.
+    pub(crate) fn restore_due(&mut self, due: &[Due]) {
+        for d in due {
+            if matches!(self.timers.get(&d.id), Some(t) if matches!(t.freq, Frequency::Period(_)))
+            {
+                self.heap.push(Reverse((d.deadline, d.id, d.generation)));
+            }
+        }
+    }
+
+    /// Re-arms a due timer and takes its callback, or returns `None` if it was removed,
+    /// disabled or updated since it was found due.
+    pub(crate) fn start_timer(&mut self, due: &Due, now: Instant) -> Option<Box<TimerFn>> {
+        let timer = self.timers.get_mut(&due.id)?;
+        if timer.removed || timer.generation != due.generation {
+            return None;
+        }
+        if let Frequency::Period(p) = timer.freq {
+            let mut next = due.deadline + p;
+            if next <= now {
+                // Coalesce the periods missed while the loop was busy into this one firing,
+                // staying on the original grid (no drift).
+                let behind = now.duration_since(due.deadline).as_nanos();
+                let periods = behind / p.as_nanos() + 1;
+                next = due.deadline + p * u32::try_from(periods).unwrap_or(u32::MAX);
+            }
+            self.heap.push(Reverse((next, due.id, due.generation)));
+        }
+        timer.cb.take()
+    }
+
+    /// Resolves one backend report into `(watch, events)` candidates.
+    pub(crate) fn resolve(&self, token: Token, events: Events, out: &mut Vec<(WatchId, Events)>) {
+        let Some(entry) = self.fds.get(token.slot()) else {
+            return;
+        };
+        if entry.token != token {
+            return; // stale: the registration changed after the kernel queued this event
+        }
+        out.extend(entry.watches.iter().map(|&id| (id, events)));
+    }
+}
