@@ -32,7 +32,7 @@ use crate::timeout::{clamp_to_millis_range, timespec};
 /// ```
 pub struct Epoll {
     epoll: OwnedFd,
-    events: Vec<epoll::Event>,
+    events: EventBuffer,
     /// Whether `epoll_pwait2` works here (probed once at creation).
     pwait2: bool,
     /// Registrations the kernel refused with `EPERM`: always ready for their interest.
@@ -45,6 +45,29 @@ impl std::fmt::Debug for Epoll {
             .field("epoll", &self.epoll)
             .field("pwait2", &self.pwait2)
             .finish_non_exhaustive()
+    }
+}
+
+/// The buffer `epoll_wait` fills.
+///
+/// rustix's `epoll::Event` can carry a pointer in its data union, which makes it `!Send`;
+/// this backend only ever stores tokens (plain `u64`s) there.
+struct EventBuffer(Vec<epoll::Event>);
+
+// SAFETY: every `Event` in the buffer holds a `u64` token written by this backend (through the
+// kernel); no pointer is stored, so moving the buffer to another thread shares nothing.
+unsafe impl Send for EventBuffer {}
+
+impl std::ops::Deref for EventBuffer {
+    type Target = Vec<epoll::Event>;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for EventBuffer {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
     }
 }
 
@@ -122,7 +145,7 @@ impl Backend for Epoll {
         let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
         let mut this = Epoll {
             epoll,
-            events: Vec::with_capacity(1024),
+            events: EventBuffer(Vec::with_capacity(1024)),
             pwait2: true,
             always_ready: Vec::new(),
         };
@@ -189,7 +212,7 @@ impl Backend for Epoll {
             let ts = timeout.map(|d| timespec(clamp_to_millis_range(d)));
             epoll::wait(
                 self.epoll.as_fd(),
-                spare_capacity(&mut self.events),
+                spare_capacity(&mut self.events.0),
                 ts.as_ref(),
             )
             .map_err(io::Error::from)
@@ -199,7 +222,7 @@ impl Backend for Epoll {
             Err(e) if e.raw_os_error() == Some(Errno::INTR.raw_os_error()) => return Ok(()),
             Err(e) => return Err(e),
         }
-        for event in &self.events {
+        for event in self.events.iter() {
             let bits = event.flags;
             let mut events = Events::empty();
             if bits.contains(EventFlags::IN) {

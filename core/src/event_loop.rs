@@ -259,6 +259,9 @@ pub struct LoopStats {
     pub kernel_changes: u64,
     /// Writes to the wakeup eventfd (only made while the loop was asleep).
     pub wake_writes: u64,
+    /// Times the backend was replaced by a fresh instance because the kernel kept reporting
+    /// a registration of a file that was closed and replaced (see the crate docs).
+    pub backend_rebuilds: u64,
 }
 
 /// Holds a watch callback while it runs and returns it to the table afterwards, also when it
@@ -330,6 +333,7 @@ pub struct EventLoop<B: Backend> {
     due_next: usize,
     iterations: u64,
     dispatched: u64,
+    rebuilds: u64,
 }
 
 impl<B: Backend> std::fmt::Debug for EventLoop<B> {
@@ -374,6 +378,7 @@ impl<B: Backend> EventLoop<B> {
             due_next: 0,
             iterations: 0,
             dispatched: 0,
+            rebuilds: 0,
         })
     }
 
@@ -400,6 +405,7 @@ impl<B: Backend> EventLoop<B> {
             dispatched: self.dispatched,
             kernel_changes,
             wake_writes: self.handle.shared.waker.writes(),
+            backend_rebuilds: self.rebuilds,
         }
     }
 
@@ -450,6 +456,21 @@ impl<B: Backend> EventLoop<B> {
         }
     }
 
+    /// Starts over with a fresh backend instance when the kernel reported a registration that
+    /// the core no longer has. epoll keys registrations by open file, not fd number: when a
+    /// watched number was closed and reused while another fd kept the old file open, the old
+    /// registration can no longer be deleted and would report the old file forever. Only a new
+    /// epoll instance drops it. poll never gets here (it rebuilds its array from the table).
+    fn replace_backend(&mut self) -> io::Result<()> {
+        let mut backend = B::new()?;
+        backend.register(self.handle.shared.waker.raw_fd(), Token::WAKER, Events::READABLE)?;
+        self.backend = backend;
+        self.rebuilds += 1;
+        let mut state = self.handle.shared.lock();
+        state.forget_kernel();
+        state.sync(&mut self.backend)
+    }
+
     fn purge(&mut self) {
         let mut garbage = Garbage::default();
         self.handle.shared.lock().purge(&mut garbage);
@@ -493,15 +514,19 @@ impl<B: Backend> EventLoop<B> {
 
         let now = Instant::now();
         self.candidates.clear();
+        let mut stale = false;
         {
             let state = shared.lock();
             for r in &self.ready {
                 if r.token == Token::WAKER {
                     shared.waker.drain();
                 } else {
-                    state.resolve(r.token, r.events, &mut self.candidates);
+                    stale |= !state.resolve(r.token, r.events, &mut self.candidates);
                 }
             }
+        }
+        if stale {
+            self.replace_backend()?;
         }
         self.candidates.sort_unstable_by_key(|c| c.0);
         shared.lock().collect_due(now, &mut self.due);

@@ -461,14 +461,32 @@ impl State {
         timer.cb.take()
     }
 
-    /// Resolves one backend report into `(watch, events)` candidates.
-    pub(crate) fn resolve(&self, token: Token, events: Events, out: &mut Vec<(WatchId, Events)>) {
-        let Some(entry) = self.fds.get(token.slot()) else {
-            return;
-        };
-        if entry.token != token {
-            return; // stale: the registration changed after the kernel queued this event
+    /// Resolves one backend report into `(watch, events)` candidates. Returns false for a
+    /// stale token: a registration the kernel kept although the core replaced or removed it.
+    pub(crate) fn resolve(
+        &self,
+        token: Token,
+        events: Events,
+        out: &mut Vec<(WatchId, Events)>,
+    ) -> bool {
+        match self.fds.get(token.slot()) {
+            Some(entry) if entry.token == token => {
+                out.extend(entry.watches.iter().map(|&id| (id, events)));
+                true
+            }
+            _ => false,
         }
-        out.extend(entry.watches.iter().map(|&id| (id, events)));
+    }
+
+    /// Marks every fd as unregistered and dirty, for a fresh backend instance.
+    pub(crate) fn forget_kernel(&mut self) {
+        for (slot, entry) in self.fds.iter_mut() {
+            entry.kernel = None;
+            entry.reopened = false;
+            if !entry.dirty {
+                entry.dirty = true;
+                self.dirty.push(slot);
+            }
+        }
     }
 }

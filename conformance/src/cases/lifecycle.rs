@@ -1,0 +1,366 @@
+//! Ids, errors, the lifetime of callback state, fd edge cases, kernel-set bookkeeping, panics.
+
+use std::os::fd::AsRawFd;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use rustix::io::Errno;
+use vireo_core::{Backend, Error, Events, Frequency, WatchId};
+
+use crate::kit::*;
+
+/// Watch and timer ids start at 1, count separately, and are never reused after removal.
+pub fn ids_start_at_one_separate_and_never_reused<B: Backend>() {
+    let mut lp = new_loop::<B>();
+    let h = lp.handle().clone();
+    let (r, _w) = pipe();
+    let w1 = h.add_handle(raw(&r), Events::READABLE, |_, _, _, _| {}).unwrap();
+    let t1 = h.add_timeout(Frequency::Disabled, |_, _| {}).unwrap();
+    let w2 = h.add_handle(raw(&r), Events::READABLE, |_, _, _, _| {}).unwrap();
+    assert_eq!((w1.as_u64(), t1.as_u64(), w2.as_u64()), (1, 1, 2));
+    h.remove_handle(w2).unwrap();
+    h.remove_timeout(t1).unwrap();
+    run_iterations(&mut lp, 1); // purge
+    let w3 = h.add_handle(raw(&r), Events::READABLE, |_, _, _, _| {}).unwrap();
+    let t2 = h.add_timeout(Frequency::Disabled, |_, _| {}).unwrap();
+    assert_eq!((w3.as_u64(), t2.as_u64()), (3, 2));
+}
+
+/// Unknown and already-removed ids are errors naming the id, for watches and timers alike.
+pub fn unknown_ids_are_errors<B: Backend>() {
+    let mut lp = new_loop::<B>();
+    let h = lp.handle().clone();
+    let (r, _w) = pipe();
+    let w = h.add_handle(raw(&r), Events::READABLE, |_, _, _, _| {}).unwrap();
+    let t = h.add_timeout(Frequency::Disabled, |_, _| {}).unwrap();
+    h.remove_handle(w).unwrap();
+    h.remove_timeout(t).unwrap();
+    // Removed but not yet purged, then purged: both are unknown.
+    for purge in [false, true] {
+        if purge {
+            run_iterations(&mut lp, 1);
+        }
+        assert!(matches!(h.remove_handle(w), Err(Error::UnknownWatch(id)) if id == w));
+        assert!(matches!(h.update_handle(w, Events::WRITABLE), Err(Error::UnknownWatch(_))));
+        assert!(matches!(h.remove_timeout(t), Err(Error::UnknownTimer(id)) if id == t));
+        assert!(matches!(
+            h.update_timeout(t, Frequency::EveryIteration),
+            Err(Error::UnknownTimer(_))
+        ));
+    }
+    let err = h.remove_handle(w).unwrap_err();
+    assert_eq!(err.to_string(), format!("watch {} is not registered", w.as_u64()));
+    let io: std::io::Error = err.into();
+    assert_eq!(io.kind(), std::io::ErrorKind::NotFound);
+}
+
+/// An invalid fd (negative, or a closed number) is refused at add with EBADF.
+pub fn invalid_fd_is_ebadf<B: Backend>() {
+    let lp = new_loop::<B>();
+    let (r, w) = pipe();
+    let closed = r.as_raw_fd();
+    drop(r);
+    drop(w);
+    for fd in [-1, closed] {
+        match lp.handle().add_handle(fd, Events::READABLE, |_, _, _, _| {}) {
+            Err(Error::Io(e)) => assert_eq!(e.raw_os_error(), Some(Errno::BADF.raw_os_error())),
+            other => panic!("fd {fd}: expected EBADF, got {other:?}"),
+        }
+    }
+}
+
+/// Callback state is dropped exactly once, on the loop thread, after remove returned (never
+/// inside it), at the loop's next purge point.
+pub fn state_dropped_once_after_remove_on_loop_thread<B: Backend>() {
+    let mut lp = new_loop::<B>();
+    let h = lp.handle().clone();
+    let (r, _w) = pipe();
+    let probe = DropProbe::new();
+    let tracked = probe.tracked();
+    let w = h
+        .add_handle(raw(&r), Events::READABLE, move |_, _, _, _| {
+            let _keep = &tracked;
+        })
+        .unwrap();
+    // Removed from another thread: the state must still be dropped on the loop thread.
+    let remover = {
+        let h = h.clone();
+        thread::spawn(move || h.remove_handle(w).unwrap())
+    };
+    remover.join().unwrap();
+    assert_eq!(probe.drops(), 0, "dropped inside remove_handle");
+    run_iterations(&mut lp, 1);
+    assert_eq!(probe.drops(), 1);
+    assert_eq!(probe.dropped_on(), Some(thread::current().id()));
+    run_iterations(&mut lp, 2);
+    assert_eq!(probe.drops(), 1);
+}
+
+/// Timer state follows the same rule as watch state.
+pub fn timer_state_dropped_once_after_remove<B: Backend>() {
+    let mut lp = new_loop::<B>();
+    let probe = DropProbe::new();
+    let tracked = probe.tracked();
+    let t = lp
+        .handle()
+        .add_timeout(Frequency::EveryIteration, move |h, id| {
+            let _keep = &tracked;
+            h.remove_timeout(id).unwrap();
+        })
+        .unwrap();
+    let _ = t;
+    run_iterations(&mut lp, 1);
+    assert_eq!(probe.drops(), 1, "not dropped at the end of the iteration that removed it");
+    assert_eq!(probe.dropped_on(), Some(thread::current().id()));
+    run_iterations(&mut lp, 2);
+    assert_eq!(probe.drops(), 1);
+}
+
+/// Dropping the loop drops every remaining callback once; handles then report Closed.
+pub fn dropping_loop_drops_everything<B: Backend>() {
+    let lp = new_loop::<B>();
+    let h = lp.handle().clone();
+    let (r, _w) = pipe();
+    let probe = DropProbe::new();
+    let (a, b, c) = (probe.tracked(), probe.tracked(), probe.tracked());
+    h.add_handle(raw(&r), Events::READABLE, move |_, _, _, _| {
+        let _keep = &a;
+    })
+    .unwrap();
+    h.add_timeout(Frequency::from_millis(1000), move |_, _| {
+        let _keep = &b;
+    })
+    .unwrap();
+    h.invoke(move |_| {
+        let _keep = &c;
+    })
+    .unwrap();
+    drop(lp);
+    assert_eq!(probe.drops(), 3);
+    assert!(matches!(h.add_timeout(Frequency::Disabled, |_, _| {}), Err(Error::Closed)));
+    assert!(matches!(h.invoke(|_| {}), Err(Error::Closed)));
+    assert!(matches!(
+        h.add_handle(raw(&r), Events::READABLE, |_, _, _, _| {}),
+        Err(Error::Closed)
+    ));
+}
+
+/// Remove, close, reopen the same fd number, re-add: the new watch sees the new file only,
+/// whether or not the loop ran in between, and even while another fd keeps the old file open
+/// and readable (epoll would keep reporting it under the old registration).
+pub fn remove_close_reopen_readd_no_stale_event<B: Backend>() {
+    for iterate_between in [false, true] {
+        let mut lp = new_loop::<B>();
+        let h = lp.handle().clone();
+        let (mut reader, old_w) = pipe();
+        write(&old_w, b"stale");
+        let log = Recorder::new();
+        let old = h.add_handle(raw(&reader), Events::READABLE, log.watch()).unwrap();
+        run_until(&mut lp, "old READABLE", || !log.is_empty());
+        let number = raw(&reader);
+        let keep_old_open = rustix::io::fcntl_dupfd_cloexec(&reader, 0).unwrap();
+        h.remove_handle(old).unwrap();
+        if iterate_between {
+            run_iterations(&mut lp, 1);
+        }
+        // Close the number and open a new file on it, atomically (no other thread can take
+        // the number in between): dup2 over it.
+        let (new_r, new_w) = pipe();
+        rustix::io::dup2(&new_r, &mut reader).unwrap();
+        drop(new_r);
+        assert_eq!(raw(&reader), number);
+        log.take();
+        let new = h.add_handle(number, Events::READABLE, log.watch()).unwrap();
+        let start = Instant::now();
+        let mut iterations = 0;
+        while start.elapsed() < Duration::from_millis(100) {
+            lp.run_once_timeout(Duration::from_millis(100)).unwrap();
+            iterations += 1;
+        }
+        assert!(log.is_empty(), "stale event from the old file: {:?}", log.take());
+        assert!(iterations <= 4, "spun {iterations} times on the old file's events");
+        write(&new_w, b"x");
+        run_until(&mut lp, "the new file's READABLE", || !log.is_empty());
+        assert_eq!(log.events_of(new)[0], Events::READABLE);
+        drop(keep_old_open);
+    }
+}
+
+/// Regular files are always ready for the whole interest, on every backend.
+pub fn regular_file_always_ready<B: Backend>() {
+    let mut lp = new_loop::<B>();
+    let file = rustix::fs::open(
+        std::env::current_exe().unwrap(),
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .unwrap();
+    let log = Recorder::new();
+    let rw = lp
+        .handle()
+        .add_handle(raw(&file), Events::READABLE | Events::WRITABLE, log.watch())
+        .unwrap();
+    let ro = lp
+        .handle()
+        .add_handle(raw(&file), Events::READABLE, log.watch())
+        .unwrap();
+    run_iterations(&mut lp, 2);
+    assert_eq!(log.events_of(rw), vec![Events::READABLE | Events::WRITABLE; 2]);
+    assert_eq!(log.events_of(ro), vec![Events::READABLE; 2]);
+    lp.handle().remove_handle(rw).unwrap();
+    lp.handle().remove_handle(ro).unwrap();
+    log.take();
+    run_iterations(&mut lp, 1);
+    assert!(log.is_empty());
+}
+
+/// Closing a watched fd (a contract violation) leaves the watch silent, the loop not spinning,
+/// and the watch removable once.
+pub fn closed_while_registered_is_silent<B: Backend>() {
+    let mut lp = new_loop::<B>();
+    let (r, w) = pipe();
+    let probe = DropProbe::new();
+    let tracked = probe.tracked();
+    let log = Recorder::new();
+    let sink = log.clone();
+    let id = lp
+        .handle()
+        .add_handle(raw(&r), Events::READABLE, move |_, id, _, ev| {
+            let _keep = &tracked;
+            sink.push(Fired::Watch(id, ev));
+        })
+        .unwrap();
+    run_iterations(&mut lp, 1);
+    drop(r);
+    drop(w);
+    let start = Instant::now();
+    let mut iterations = 0;
+    while start.elapsed() < Duration::from_millis(100) {
+        lp.run_once_timeout(Duration::from_millis(100)).unwrap();
+        iterations += 1;
+    }
+    assert!(log.is_empty(), "a closed fd fired: {:?}", log.take());
+    assert!(iterations <= 4, "spun {iterations} times on a closed fd");
+    lp.handle().remove_handle(id).unwrap();
+    run_iterations(&mut lp, 1);
+    assert_eq!(probe.drops(), 1);
+}
+
+/// Removing and re-adding a watch (and pausing and resuming one) within one iteration changes
+/// nothing in the kernel set: no registration system call.
+pub fn net_zero_changes_cost_no_kernel_change<B: Backend>() {
+    let mut lp = new_loop::<B>();
+    let h = lp.handle().clone();
+    let pipes: Vec<_> = (0..20).map(|_| pipe()).collect();
+    let mut ids: Vec<WatchId> = pipes
+        .iter()
+        .map(|(r, _)| h.add_handle(raw(r), Events::READABLE, |_, _, _, _| {}).unwrap())
+        .collect();
+    run_iterations(&mut lp, 1);
+    let before = lp.stats().kernel_changes;
+    for _ in 0..3 {
+        for (id, (r, _)) in ids.iter_mut().zip(&pipes) {
+            h.remove_handle(*id).unwrap();
+            *id = h.add_handle(raw(r), Events::READABLE, |_, _, _, _| {}).unwrap();
+            h.update_handle(*id, Events::empty()).unwrap();
+            h.update_handle(*id, Events::READABLE).unwrap();
+        }
+        run_iterations(&mut lp, 1);
+    }
+    assert_eq!(lp.stats().kernel_changes, before);
+    // A real change is still applied.
+    h.update_handle(ids[0], Events::WRITABLE).unwrap();
+    run_iterations(&mut lp, 1);
+    assert_eq!(lp.stats().kernel_changes, before + 1);
+}
+
+/// 5,000 registered fds with a few active: exactly the active ones fire.
+pub fn many_fds_few_active<B: Backend>() {
+    raise_fd_limit(12_000);
+    let mut lp = new_loop::<B>();
+    let fired = Arc::new(Mutex::new(Vec::new()));
+    let pairs: Vec<_> = (0..2500).map(|_| socketpair()).collect();
+    let mut ids = Vec::new();
+    for (a, b) in &pairs {
+        for fd in [a, b] {
+            let sink = Arc::clone(&fired);
+            ids.push(
+                lp.handle()
+                    .add_handle(raw(fd), Events::READABLE, move |_, id, fd, _| {
+                        drain(fd);
+                        sink.lock().unwrap().push(id);
+                    })
+                    .unwrap(),
+            );
+        }
+    }
+    assert_eq!(ids.len(), 5000);
+    let active = [7usize, 1234, 2499];
+    for &i in &active {
+        write(&pairs[i].1, b"x"); // makes pairs[i].0, watch ids[2 * i], readable
+    }
+    run_until(&mut lp, "three active fds", || fired.lock().unwrap().len() >= 3);
+    run_iterations(&mut lp, 1);
+    let got = fired.lock().unwrap().clone();
+    let want: Vec<WatchId> = active.iter().map(|&i| ids[2 * i]).collect();
+    assert_eq!(got, want);
+}
+
+fn raise_fd_limit(want: u64) {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current.is_some_and(|c| c < want) {
+        limit.current = limit.maximum.map(|m| m.min(want.max(m.min(want))));
+        let _ = setrlimit(Resource::Nofile, limit);
+    }
+}
+
+/// A panicking watch callback unwinds out of run_once; the loop stays usable, the watch stays
+/// registered, and the other watches of that batch fire in the next iteration.
+pub fn panicking_callback_leaves_loop_usable<B: Backend>() {
+    let mut lp = new_loop::<B>();
+    let (r1, w1) = pipe();
+    let (r2, w2) = pipe();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&calls);
+    let log = Recorder::new();
+    let bomb = lp
+        .handle()
+        .add_handle(raw(&r1), Events::READABLE, move |_, _, _, _| {
+            if counter.fetch_add(1, Ordering::SeqCst) == 0 {
+                panic!("deliberate panic from a conformance case");
+            }
+        })
+        .unwrap();
+    let other = lp
+        .handle()
+        .add_handle(raw(&r2), Events::READABLE, log.draining_watch())
+        .unwrap();
+    let ticks = Recorder::new();
+    lp.handle().add_timeout(Frequency::EveryIteration, ticks.timer()).unwrap();
+    write(&w1, b"x");
+    write(&w2, b"x");
+    let mut panicked = false;
+    for _ in 0..100 {
+        match catch_unwind(AssertUnwindSafe(|| lp.run_once_timeout(Duration::from_millis(50)))) {
+            Err(_) => {
+                panicked = true;
+                break;
+            }
+            Ok(r) => {
+                r.unwrap();
+            }
+        }
+    }
+    assert!(panicked, "the callback's panic did not reach the caller");
+    assert!(log.events_of(other).is_empty(), "a higher id ran after the panic");
+    run_until(&mut lp, "the other watch after the panic", || {
+        !log.events_of(other).is_empty()
+    });
+    assert!(calls.load(Ordering::SeqCst) >= 2, "the panicking watch was lost");
+    lp.handle().update_handle(bomb, Events::empty()).unwrap();
+    assert!(!ticks.is_empty());
+}

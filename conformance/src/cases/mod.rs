@@ -1,0 +1,6 @@
+//! The cases, grouped by subject. Each is `pub fn case<B: Backend>()` and panics on failure.
+
+pub mod handles;
+pub mod lifecycle;
+pub mod threads;
+pub mod timers;

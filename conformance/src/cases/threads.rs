@@ -1,0 +1,227 @@
+//! Other threads: wakeups, quit, invoke, moving the loop between threads.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use vireo_core::{Backend, EventLoop, Events, Frequency, LoopHandle};
+
+use crate::kit::*;
+
+/// How long a change from another thread may take to wake a blocked loop. The rule is "at
+/// once"; the bound is generous for loaded machines but far below the loop's own timeout.
+const WAKE_BOUND: Duration = Duration::from_millis(900);
+
+/// Runs one blocking iteration (no timers, no ready fd) while `act` runs on another thread
+/// after a short delay, and returns how long the iteration took.
+fn blocked_iteration<B: Backend>(
+    lp: &mut EventLoop<B>,
+    act: impl FnOnce(LoopHandle) + Send + 'static,
+) -> Duration {
+    let h = lp.handle().clone();
+    let other = thread::spawn(move || {
+        // Give the loop time to block, so the wakeup path is what gets exercised.
+        thread::sleep(Duration::from_millis(30));
+        act(h);
+    });
+    let start = Instant::now();
+    lp.run_once_timeout(Duration::from_secs(30)).unwrap();
+    let took = start.elapsed();
+    other.join().unwrap();
+    took
+}
+
+/// A timer added from another thread wakes a loop blocked with nothing to do, and fires.
+pub fn add_from_other_thread_wakes_blocked_loop<B: Backend>() {
+    let mut lp = new_loop::<B>();
+    let log = Recorder::new();
+    let sink = log.clone();
+    let took = blocked_iteration(&mut lp, move |h| {
+        h.add_timeout(Frequency::EveryIteration, sink.timer()).unwrap();
+    });
+    assert!(took < WAKE_BOUND, "woke after {took:?}");
+    run_until(&mut lp, "the timer", || !log.is_empty());
+}
+
+/// An update from another thread (enabling a readable watch) wakes the loop and takes effect.
+pub fn update_from_other_thread_wakes_blocked_loop<B: Backend>() {
+    let mut lp = new_loop::<B>();
+    let (r, w) = pipe();
+    write(&w, b"x");
+    let log = Recorder::new();
+    let id = lp
+        .handle()
+        .add_handle(raw(&r), Events::empty(), log.watch())
+        .unwrap();
+    run_iterations(&mut lp, 1);
+    let took = blocked_iteration(&mut lp, move |h| {
+        h.update_handle(id, Events::READABLE).unwrap();
+    });
+    assert!(took < WAKE_BOUND, "woke after {took:?}");
+    run_until(&mut lp, "READABLE", || !log.is_empty());
+}
+
+/// A removal from another thread wakes the loop; the watch never fires again and its state is
+/// dropped on the loop thread.
+pub fn remove_from_other_thread_wakes_blocked_loop<B: Backend>() {
+    let mut lp = new_loop::<B>();
+    let (r, w) = pipe();
+    let probe = DropProbe::new();
+    let tracked = probe.tracked();
+    let log = Recorder::new();
+    let sink = log.clone();
+    let id = lp
+        .handle()
+        .add_handle(raw(&r), Events::READABLE, move |_, id, _, ev| {
+            let _keep = &tracked;
+            sink.push(Fired::Watch(id, ev));
+        })
+        .unwrap();
+    let took = blocked_iteration(&mut lp, move |h| h.remove_handle(id).unwrap());
+    assert!(took < WAKE_BOUND, "woke after {took:?}");
+    write(&w, b"x");
+    run_iterations(&mut lp, 2);
+    assert!(log.is_empty());
+    assert_eq!(probe.drops(), 1);
+    assert_eq!(probe.dropped_on(), Some(thread::current().id()));
+}
+
+/// `quit` from another thread stops `run`.
+pub fn quit_from_other_thread_stops_run<B: Backend>() {
+    let mut lp = new_loop::<B>();
+    let h = lp.handle().clone();
+    let quitter = thread::spawn(move || {
+        thread::sleep(Duration::from_millis(30));
+        h.quit();
+    });
+    let start = Instant::now();
+    lp.run().unwrap();
+    assert!(start.elapsed() < Duration::from_secs(5));
+    quitter.join().unwrap();
+    // The request is consumed: the next run needs another quit.
+    let h = lp.handle().clone();
+    lp.handle()
+        .add_timeout(Frequency::from_millis(20), move |_, _| h.quit())
+        .unwrap();
+    lp.run().unwrap();
+}
+
+/// Closures invoked from other threads run on the loop thread, in FIFO order per thread.
+pub fn invoke_from_other_thread_runs_on_loop_thread<B: Backend>() {
+    let mut lp = new_loop::<B>();
+    let loop_thread = thread::current().id();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let h = lp.handle().clone();
+    let sink = Arc::clone(&seen);
+    let sender = thread::spawn(move || {
+        for i in 0..100u32 {
+            let sink = Arc::clone(&sink);
+            h.invoke(move |_| {
+                assert_eq!(thread::current().id(), loop_thread);
+                sink.lock().unwrap().push(i);
+            })
+            .unwrap();
+        }
+    });
+    run_until(&mut lp, "100 invokes", || seen.lock().unwrap().len() == 100);
+    sender.join().unwrap();
+    assert_eq!(*seen.lock().unwrap(), (0..100).collect::<Vec<_>>());
+}
+
+/// Invoked closures run after the iteration's timers and watches.
+pub fn invoke_runs_after_timers_and_watches<B: Backend>() {
+    let mut lp = new_loop::<B>();
+    let (r, w) = pipe();
+    let log = Recorder::new();
+    let watch = lp
+        .handle()
+        .add_handle(raw(&r), Events::READABLE, log.draining_watch())
+        .unwrap();
+    let timer = lp
+        .handle()
+        .add_timeout(Frequency::EveryIteration, log.timer())
+        .unwrap();
+    let sink = log.clone();
+    lp.handle().invoke(move |_| sink.push(Fired::Mark(1))).unwrap();
+    write(&w, b"x");
+    run_until(&mut lp, "the watch", || !log.events_of(watch).is_empty());
+    let all = log.take();
+    let pos = |f: Fired| all.iter().position(|x| *x == f).unwrap();
+    assert!(pos(Fired::Timer(timer)) < pos(Fired::Mark(1)));
+    assert!(pos(Fired::Watch(watch, Events::READABLE)) < all.len());
+    // In the iteration where all three happen, the mark is last.
+    let mark = pos(Fired::Mark(1));
+    assert!(all[..mark].contains(&Fired::Timer(timer)));
+}
+
+/// The eventfd is written only while the loop sleeps: changes made on the loop thread, and
+/// many changes from another thread while the loop is busy, cost at most one write per sleep.
+pub fn wakeups_only_while_asleep_and_coalesced<B: Backend>() {
+    let mut lp = new_loop::<B>();
+    let h = lp.handle().clone();
+    let (r, _w) = pipe();
+    for _ in 0..50 {
+        let id = h.add_handle(raw(&r), Events::READABLE, |_, _, _, _| {}).unwrap();
+        h.remove_handle(id).unwrap();
+        h.invoke(|_| {}).unwrap();
+    }
+    run_iterations(&mut lp, 2);
+    assert_eq!(lp.stats().wake_writes, 0, "loop-thread changes wrote the eventfd");
+
+    // A storm from another thread while the loop is blocked: one wakeup per sleep.
+    let storm_done = Arc::new(AtomicBool::new(false));
+    let ready = Arc::new(Barrier::new(2));
+    let (done, go) = (Arc::clone(&storm_done), Arc::clone(&ready));
+    let h2 = h.clone();
+    let stormer = thread::spawn(move || {
+        go.wait();
+        for _ in 0..10_000 {
+            h2.invoke(|_| {}).unwrap();
+        }
+        done.store(true, Ordering::SeqCst);
+    });
+    ready.wait();
+    let before = lp.stats();
+    let mut sleeps = 0u64;
+    while !storm_done.load(Ordering::SeqCst) {
+        lp.run_once_timeout(Duration::from_millis(200)).unwrap();
+        sleeps += 1;
+    }
+    stormer.join().unwrap();
+    run_iterations(&mut lp, 2);
+    sleeps += 2;
+    let after = lp.stats();
+    let writes = after.wake_writes - before.wake_writes;
+    assert!(writes <= sleeps, "{writes} eventfd writes for {sleeps} sleeps");
+    assert!(after.dispatched - before.dispatched >= 10_000, "invokes were lost");
+}
+
+/// A loop created on one thread can be moved to and run on another.
+pub fn loop_created_on_one_thread_runs_on_another<B: Backend + Send + 'static>() {
+    let lp = new_loop::<B>();
+    let h = lp.handle().clone();
+    let log = Recorder::new();
+    let (r, w) = pipe();
+    let id = h.add_handle(raw(&r), Events::READABLE, log.draining_watch()).unwrap();
+    write(&w, b"x");
+    let runner = thread::spawn(move || {
+        let mut lp = lp;
+        run_until(&mut lp, "READABLE on the new thread", || !log.is_empty());
+        log.events_of(id)
+    });
+    assert_eq!(runner.join().unwrap(), vec![Events::READABLE]);
+}
+
+/// `LoopHandle` is `Send + Sync + Clone`; the error and id types are `Send + Sync`.
+pub fn public_types_are_send_and_sync<B: Backend>() {
+    assert_send_sync::<LoopHandle>();
+    assert_send_sync::<vireo_core::Error>();
+    assert_send_sync::<vireo_core::WatchId>();
+    assert_send_sync::<vireo_core::TimerId>();
+    assert_send_sync::<vireo_core::Events>();
+    let lp = new_loop::<B>();
+    let h: LoopHandle = lp.handle().clone();
+    drop(lp);
+    drop(h);
+}

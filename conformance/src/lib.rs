@@ -1,0 +1,133 @@
+//! The conformance suite: one set of cases that every vireo backend must pass identically.
+//!
+//! Each case is a generic function `fn case<B: Backend>()` in [`cases`] that panics on a
+//! failure; it tests one rule of the [`Backend`](vireo_core::Backend) contract or of the core's
+//! event API (see `vireo_core`'s docs). The cases are written with the [`kit`].
+//!
+//! - [`conformance_suite!`] turns every case into a `#[test]` for one backend, so a failure
+//!   reads `epoll::hangup_on_closed_socket_peer`. A backend crate's test file is one line:
+//!
+//!   ```ignore
+//!   vireo_conformance::conformance_suite!(epoll, vireo_backends::Epoll);
+//!   ```
+//!
+//! - [`cases_for`] lists the cases for one backend as plain function pointers; the
+//!   `vireo-conformance` binary runs them on every compiled backend and prints the matrix.
+//!
+//! ```
+//! let cases = vireo_conformance::cases_for::<vireo_backends::DefaultBackend>();
+//! assert!(cases.len() >= 40);
+//! let case = cases.iter().find(|c| c.name == "readable_after_write").unwrap();
+//! (case.run)(); // panics if the backend breaks the rule
+//! ```
+#![deny(missing_docs)]
+
+pub mod cases;
+pub mod kit;
+
+/// One conformance case, instantiated for one backend.
+#[derive(Debug, Clone, Copy)]
+pub struct Case {
+    /// The group (module of [`cases`]): `handles`, `lifecycle`, `threads`, `timers`.
+    pub group: &'static str,
+    /// The case's name, unique across groups.
+    pub name: &'static str,
+    /// Runs the case; panics on failure.
+    pub run: fn(),
+}
+
+/// Every case, instantiated for backend `B`, in the suite's order.
+pub fn cases_for<B: vireo_core::Backend + Send + 'static>() -> Vec<Case> {
+    __conformance_cases!(@list B)
+}
+
+/// Generates one `#[test]` per conformance case for a backend, inside `mod $name`.
+///
+/// ```ignore
+/// vireo_conformance::conformance_suite!(poll, vireo_backends::Poll);
+/// // -> tests named poll::readable_after_write, poll::level_triggered_refire, ...
+/// ```
+#[macro_export]
+macro_rules! conformance_suite {
+    ($name:ident, $backend:ty) => {
+        $crate::__conformance_cases!(@tests $name, $backend);
+    };
+}
+
+/// The one list of cases; both [`cases_for`] and [`conformance_suite!`] expand from it.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_cases {
+    (@expand tests ($name:ident, $backend:ty) [$($group:ident :: $case:ident),* $(,)?]) => {
+        mod $name {
+            $(
+                #[test]
+                fn $case() {
+                    $crate::cases::$group::$case::<$backend>();
+                }
+            )*
+        }
+    };
+    (@expand list ($backend:ty) [$($group:ident :: $case:ident),* $(,)?]) => {
+        vec![$(
+            $crate::Case {
+                group: stringify!($group),
+                name: stringify!($case),
+                run: $crate::cases::$group::$case::<$backend>,
+            }
+        ),*]
+    };
+    (@$mode:ident $($args:tt)*) => {
+        $crate::__conformance_cases! { @expand $mode ($($args)*) [
+            handles::readable_after_write,
+            handles::level_triggered_refire,
+            handles::partial_read_refires_until_drained,
+            handles::writable_socket_then_readable_only,
+            handles::hangup_on_closed_pipe_writer_repeats,
+            handles::hangup_on_closed_socket_peer,
+            handles::error_on_pipe_without_reader,
+            handles::empty_interest_never_fires_and_does_not_spin,
+            handles::empty_interest_silent_beside_active_sibling,
+            handles::two_watches_split_interest,
+            handles::dup_fd_is_independent,
+            handles::update_interest_inside_callback,
+            handles::remove_self_inside_callback,
+            handles::remove_other_watch_in_same_batch,
+            handles::add_inside_callback_waits_for_next_iteration,
+            handles::watches_dispatch_in_id_order,
+            lifecycle::ids_start_at_one_separate_and_never_reused,
+            lifecycle::unknown_ids_are_errors,
+            lifecycle::invalid_fd_is_ebadf,
+            lifecycle::state_dropped_once_after_remove_on_loop_thread,
+            lifecycle::timer_state_dropped_once_after_remove,
+            lifecycle::dropping_loop_drops_everything,
+            lifecycle::remove_close_reopen_readd_no_stale_event,
+            lifecycle::regular_file_always_ready,
+            lifecycle::closed_while_registered_is_silent,
+            lifecycle::net_zero_changes_cost_no_kernel_change,
+            lifecycle::many_fds_few_active,
+            lifecycle::panicking_callback_leaves_loop_usable,
+            timers::disabled_timer_never_fires,
+            timers::zero_timer_fires_every_iteration_without_starving_fds,
+            timers::period_never_early,
+            timers::no_cumulative_drift_over_200_periods,
+            timers::missed_periods_coalesce,
+            timers::update_restarts_period,
+            timers::update_timer_from_own_callback,
+            timers::remove_timer_from_own_callback,
+            timers::remove_other_due_timer_in_same_pass,
+            timers::timers_by_deadline_then_id_before_watches,
+            timers::timer_added_in_callback_waits_for_next_iteration,
+            timers::libvirt_millisecond_frequencies,
+            threads::add_from_other_thread_wakes_blocked_loop,
+            threads::update_from_other_thread_wakes_blocked_loop,
+            threads::remove_from_other_thread_wakes_blocked_loop,
+            threads::quit_from_other_thread_stops_run,
+            threads::invoke_from_other_thread_runs_on_loop_thread,
+            threads::invoke_runs_after_timers_and_watches,
+            threads::wakeups_only_while_asleep_and_coalesced,
+            threads::loop_created_on_one_thread_runs_on_another,
+            threads::public_types_are_send_and_sync,
+        ] }
+    };
+}
