@@ -107,6 +107,7 @@ macro_rules! __conformance_cases {
             lifecycle::net_zero_changes_cost_no_kernel_change,
             lifecycle::many_fds_few_active,
             lifecycle::panicking_callback_leaves_loop_usable,
+            lifecycle::panicking_timer_loses_no_due_timer,
             timers::disabled_timer_never_fires,
             timers::zero_timer_fires_every_iteration_without_starving_fds,
             timers::period_never_early,

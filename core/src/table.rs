@@ -346,16 +346,26 @@ impl State {
             }
             let result = match (entry.kernel, want) {
                 (old, new) if old == new => Ok(()),
-                (None, Some(new)) => backend.register(fd, entry.token, new),
-                (Some(_), Some(new)) => backend.reregister(fd, entry.token, new),
-                (Some(_), None) => backend
-                    .deregister(fd, entry.token)
-                    .or_else(|e| if ignorable_deregister_error(&e) { Ok(()) } else { Err(e) }),
+                (None, Some(new)) => {
+                    self.kernel_changes += 1;
+                    backend.register(fd, entry.token, new)
+                }
+                (Some(_), Some(new)) => {
+                    self.kernel_changes += 1;
+                    backend.reregister(fd, entry.token, new)
+                }
+                (Some(_), None) => {
+                    self.kernel_changes += 1;
+                    backend.deregister(fd, entry.token).or_else(|e| {
+                        if ignorable_deregister_error(&e) {
+                            Ok(())
+                        } else {
+                            Err(e)
+                        }
+                    })
+                }
                 (None, None) => unreachable!("covered by the equality arm"),
             };
-            if entry.kernel != want {
-                self.kernel_changes += 1;
-            }
             match result {
                 Ok(()) => entry.kernel = want,
                 // The fd was closed after the watch was added (a contract violation): it stays

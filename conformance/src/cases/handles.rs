@@ -365,34 +365,38 @@ pub fn add_inside_callback_waits_for_next_iteration<B: Backend>() {
     );
 }
 
-/// Ready watches are dispatched in ascending id order, whatever their fd numbers.
+/// Ready watches are dispatched in ascending id order, whatever their fd numbers and the
+/// order in which they became ready.
 pub fn watches_dispatch_in_id_order<B: Backend>() {
-    let mut lp = new_loop::<B>();
-    let pipes: Vec<_> = (0..6).map(|_| pipe()).collect();
-    let log = Recorder::new();
-    // Register in reverse fd order so fd order and id order disagree.
-    let ids: Vec<WatchId> = pipes
-        .iter()
-        .rev()
-        .map(|(r, _)| {
-            lp.handle()
-                .add_handle(raw(r), Events::READABLE, log.draining_watch())
-                .unwrap()
-        })
-        .collect();
-    for (_, w) in &pipes {
-        write(w, b"x");
+    let write_orders: [[usize; 6]; 3] = [[0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0], [3, 0, 5, 1, 4, 2]];
+    for order in write_orders {
+        let mut lp = new_loop::<B>();
+        let pipes: Vec<_> = (0..6).map(|_| pipe()).collect();
+        let log = Recorder::new();
+        // Register in a mixed fd order so fd order and id order disagree.
+        let ids: Vec<WatchId> = [2usize, 5, 0, 3, 1, 4]
+            .iter()
+            .map(|&i| {
+                lp.handle()
+                    .add_handle(raw(&pipes[i].0), Events::READABLE, log.draining_watch())
+                    .unwrap()
+            })
+            .collect();
+        run_iterations(&mut lp, 1); // registered before they become ready
+        for i in order {
+            write(&pipes[i].1, b"x");
+        }
+        run_until(&mut lp, "all six", || log.len() >= 6);
+        let seen: Vec<WatchId> = log
+            .take()
+            .into_iter()
+            .map(|f| match f {
+                Fired::Watch(id, _) => id,
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        let mut sorted = ids.clone();
+        sorted.sort();
+        assert_eq!(seen, sorted, "write order {order:?}");
     }
-    run_until(&mut lp, "all six", || log.len() >= 6);
-    let order: Vec<WatchId> = log
-        .take()
-        .into_iter()
-        .map(|f| match f {
-            Fired::Watch(id, _) => id,
-            other => panic!("{other:?}"),
-        })
-        .collect();
-    let mut sorted = ids.clone();
-    sorted.sort();
-    assert_eq!(order, sorted);
 }

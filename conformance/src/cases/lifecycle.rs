@@ -364,3 +364,30 @@ pub fn panicking_callback_leaves_loop_usable<B: Backend>() {
     lp.handle().update_handle(bomb, Events::empty()).unwrap();
     assert!(!ticks.is_empty());
 }
+
+/// A panicking timer callback unwinds out of run_once; the timers that were due after it in
+/// the same pass are not lost and fire in the next iteration, and the panicking timer stays.
+pub fn panicking_timer_loses_no_due_timer<B: Backend>() {
+    let mut lp = new_loop::<B>();
+    let h = lp.handle().clone();
+    let log = Recorder::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&calls);
+    let bomb = h
+        .add_timeout(Frequency::from_millis(5), move |_, _| {
+            if counter.fetch_add(1, Ordering::SeqCst) == 0 {
+                panic!("deliberate panic from a conformance case");
+            }
+        })
+        .unwrap();
+    // Due later in the same pass: a longer period and a larger id.
+    let victim = h.add_timeout(Frequency::from_millis(10), log.timer()).unwrap();
+    thread::sleep(Duration::from_millis(15));
+    let outcome = catch_unwind(AssertUnwindSafe(|| lp.run_once_timeout(Duration::ZERO)));
+    assert!(outcome.is_err(), "the timer's panic did not reach the caller");
+    assert!(log.is_empty());
+    lp.run_once_timeout(Duration::ZERO).unwrap();
+    assert_eq!(log.take(), vec![Fired::Timer(victim)], "the due timer was lost");
+    run_until(&mut lp, "the panicking timer again", || calls.load(Ordering::SeqCst) >= 2);
+    h.remove_timeout(bomb).unwrap();
+}

@@ -85,17 +85,20 @@ pub fn no_cumulative_drift_over_200_periods<B: Backend>() {
     let times = log.lock().unwrap().clone();
     assert!(times.len() >= 150, "only {} firings in 200 periods", times.len());
     // Each firing belongs to the grid slot it is at or after; its lateness against that slot
-    // is what the loop added. Drift would make the lateness grow with every firing; take the
-    // smallest lateness among the last 10 firings so one slow wakeup cannot fail the case.
+    // is what the loop added. With drift the lateness grows by the wakeup latency at every
+    // firing and sweeps the whole period; without it, it stays near the latency. The median
+    // is immune to a few slow wakeups on a loaded machine.
     let lateness = |t: &Instant| {
         let since = t.duration_since(start);
         let slot = since.as_nanos() / period.as_nanos();
         since - period * slot as u32
     };
-    let best_late = times.iter().rev().take(10).map(lateness).min().unwrap();
+    let mut late: Vec<Duration> = times.iter().map(lateness).collect();
+    late.sort();
+    let median = late[late.len() / 2];
     assert!(
-        best_late < Duration::from_millis(3),
-        "the last firings are all at least {best_late:?} behind the grid: drift"
+        median < period / 4,
+        "median lateness {median:?} against the start + k x period grid: the timer drifts"
     );
     assert!(
         *times.last().unwrap() >= start + period * times.len() as u32,
