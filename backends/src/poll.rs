@@ -80,7 +80,8 @@ impl Poll {
             // and closed it, the kernel answers POLLNVAL and the entry is silenced; no memory
             // is reached through the fd.
             let fd = unsafe { BorrowedFd::borrow_raw(e.fd) };
-            self.fds.push(PollFd::from_borrowed_fd(fd, poll_flags(e.interest)));
+            self.fds
+                .push(PollFd::from_borrowed_fd(fd, poll_flags(e.interest)));
             self.order.push(i);
         }
         self.dirty = false;

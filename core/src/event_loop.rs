@@ -45,7 +45,9 @@ impl std::fmt::Debug for LoopHandle {
 /// Checks that `fd` is open and returns what file it names.
 fn file_ident(fd: RawFd) -> io::Result<FileIdent> {
     if fd < 0 {
-        return Err(io::Error::from_raw_os_error(rustix::io::Errno::BADF.raw_os_error()));
+        return Err(io::Error::from_raw_os_error(
+            rustix::io::Errno::BADF.raw_os_error(),
+        ));
     }
     // SAFETY: `fd` is non-negative, so it is a valid `BorrowedFd` value, and the borrow lives
     // only for this one `fstat`. If the number is not open the kernel answers EBADF, which is
@@ -463,7 +465,11 @@ impl<B: Backend> EventLoop<B> {
     /// epoll instance drops it. poll never gets here (it rebuilds its array from the table).
     fn replace_backend(&mut self) -> io::Result<()> {
         let mut backend = B::new()?;
-        backend.register(self.handle.shared.waker.raw_fd(), Token::WAKER, Events::READABLE)?;
+        backend.register(
+            self.handle.shared.waker.raw_fd(),
+            Token::WAKER,
+            Events::READABLE,
+        )?;
         self.backend = backend;
         self.rebuilds += 1;
         let mut state = self.handle.shared.lock();

@@ -263,7 +263,7 @@ impl State {
 
     /// Returns false for an unknown or removed id.
     pub(crate) fn update_timer(&mut self, id: TimerId, freq: Frequency, now: Instant) -> bool {
-        if !self.timers.get(&id).is_some_and(|t| !t.removed) {
+        if self.timers.get(&id).is_none_or(|t| t.removed) {
             return false;
         }
         self.set_timer(id, freq, now);
@@ -443,8 +443,7 @@ impl State {
     /// Puts back due timers that a panic kept from running.
     pub(crate) fn restore_due(&mut self, due: &[Due]) {
         for d in due {
-            if matches!(self.timers.get(&d.id), Some(t) if matches!(t.freq, Frequency::Period(_)))
-            {
+            if matches!(self.timers.get(&d.id), Some(t) if matches!(t.freq, Frequency::Period(_))) {
                 self.heap.push(Reverse((d.deadline, d.id, d.generation)));
             }
         }

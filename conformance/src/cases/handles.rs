@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use vireo_core::{Backend, Events, WatchId};
 
-
 use crate::kit::*;
 
 /// A written pipe makes its READABLE watch fire with READABLE.
@@ -52,9 +51,15 @@ pub fn partial_read_refires_until_drained<B: Backend>() {
         })
         .unwrap();
     write(&w, b"abc");
-    run_until(&mut lp, "three one-byte reads", || reads.lock().unwrap().len() == 3);
+    run_until(&mut lp, "three one-byte reads", || {
+        reads.lock().unwrap().len() == 3
+    });
     run_iterations(&mut lp, 3);
-    assert_eq!(*reads.lock().unwrap(), vec![1, 1, 1], "fired after the fd was drained");
+    assert_eq!(
+        *reads.lock().unwrap(),
+        vec![1, 1, 1],
+        "fired after the fd was drained"
+    );
 }
 
 /// A connected socket is writable; after the interest becomes READABLE only, WRITABLE stops.
@@ -86,7 +91,11 @@ pub fn hangup_on_closed_pipe_writer_repeats<B: Backend>() {
     run_until(&mut lp, "HANGUP", || !log.is_empty());
     run_iterations(&mut lp, 3);
     let seen = log.events_of(id);
-    assert_eq!(seen.len(), 4, "HANGUP must repeat while the watch exists: {seen:?}");
+    assert_eq!(
+        seen.len(),
+        4,
+        "HANGUP must repeat while the watch exists: {seen:?}"
+    );
     assert!(seen.iter().all(|e| *e == Events::HANGUP), "{seen:?}");
     lp.handle().remove_handle(id).unwrap();
     log.take();
@@ -106,7 +115,10 @@ pub fn hangup_on_closed_socket_peer<B: Backend>() {
     drop(b);
     run_until(&mut lp, "HANGUP", || !log.is_empty());
     run_iterations(&mut lp, 2);
-    assert_eq!(log.events_of(id), vec![Events::READABLE | Events::HANGUP; 3]);
+    assert_eq!(
+        log.events_of(id),
+        vec![Events::READABLE | Events::HANGUP; 3]
+    );
 }
 
 /// Writing end of a pipe whose reader is gone: a WRITABLE watch gets ERROR.
@@ -147,7 +159,10 @@ pub fn empty_interest_never_fires_and_does_not_spin<B: Backend>() {
         iterations += 1;
     }
     assert!(log.is_empty(), "fired: {:?}", log.take());
-    assert!(iterations <= 3, "the loop spun {iterations} times on a disabled fd");
+    assert!(
+        iterations <= 3,
+        "the loop spun {iterations} times on a disabled fd"
+    );
 }
 
 /// Two watches on one fd: the one with an empty interest stays silent while the other fires.
@@ -255,10 +270,14 @@ pub fn update_interest_inside_callback<B: Backend>() {
         .unwrap();
     run_until(&mut lp, "two firings", || log.len() >= 2);
     run_iterations(&mut lp, 2);
-    let seen: Vec<Events> = log.take().into_iter().map(|f| match f {
-        Fired::Watch(_, e) => e,
-        other => panic!("{other:?}"),
-    }).collect();
+    let seen: Vec<Events> = log
+        .take()
+        .into_iter()
+        .map(|f| match f {
+            Fired::Watch(_, e) => e,
+            other => panic!("{other:?}"),
+        })
+        .collect();
     assert_eq!(seen, vec![Events::READABLE, Events::WRITABLE]);
     // Back to READABLE from outside: the unread byte is still there.
     lp.handle().update_handle(id, Events::READABLE).unwrap();
@@ -285,7 +304,11 @@ pub fn remove_self_inside_callback<B: Backend>() {
         .unwrap();
     write(&w, b"x");
     run_until(&mut lp, "the one firing", || !log.is_empty());
-    assert_eq!(probe.drops(), 1, "state not dropped at the end of the iteration");
+    assert_eq!(
+        probe.drops(),
+        1,
+        "state not dropped at the end of the iteration"
+    );
     run_iterations(&mut lp, 3);
     assert_eq!(log.take(), vec![Fired::Watch(id, Events::READABLE)]);
     assert_eq!(probe.drops(), 1);
@@ -311,22 +334,39 @@ pub fn remove_other_watch_in_same_batch<B: Backend>() {
             }
         };
         let (remover, target) = if remover_first {
-            let a = lp.handle().add_handle(raw(&r1), Events::READABLE, remover_cb).unwrap();
-            let b = lp.handle().add_handle(raw(&r2), Events::READABLE, log.watch()).unwrap();
+            let a = lp
+                .handle()
+                .add_handle(raw(&r1), Events::READABLE, remover_cb)
+                .unwrap();
+            let b = lp
+                .handle()
+                .add_handle(raw(&r2), Events::READABLE, log.watch())
+                .unwrap();
             (a, b)
         } else {
-            let b = lp.handle().add_handle(raw(&r2), Events::READABLE, log.watch()).unwrap();
-            let a = lp.handle().add_handle(raw(&r1), Events::READABLE, remover_cb).unwrap();
+            let b = lp
+                .handle()
+                .add_handle(raw(&r2), Events::READABLE, log.watch())
+                .unwrap();
+            let a = lp
+                .handle()
+                .add_handle(raw(&r1), Events::READABLE, remover_cb)
+                .unwrap();
             (a, b)
         };
         *victim.lock().unwrap() = Some(target);
         write(&w1, b"x");
         write(&w2, b"x");
-        run_until(&mut lp, "the remover", || !log.events_of(remover).is_empty());
+        run_until(&mut lp, "the remover", || {
+            !log.events_of(remover).is_empty()
+        });
         run_iterations(&mut lp, 1);
         let target_fired = log.events_of(target).len();
         if remover_first {
-            assert_eq!(target_fired, 0, "removed watch fired later in the same batch");
+            assert_eq!(
+                target_fired, 0,
+                "removed watch fired later in the same batch"
+            );
         } else {
             // The target has the lower id, so it ran before the remover in the first pass.
             assert_eq!(target_fired, 1, "lower id must run first, then never again");
@@ -368,7 +408,8 @@ pub fn add_inside_callback_waits_for_next_iteration<B: Backend>() {
 /// Ready watches are dispatched in ascending id order, whatever their fd numbers and the
 /// order in which they became ready.
 pub fn watches_dispatch_in_id_order<B: Backend>() {
-    let write_orders: [[usize; 6]; 3] = [[0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0], [3, 0, 5, 1, 4, 2]];
+    let write_orders: [[usize; 6]; 3] =
+        [[0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0], [3, 0, 5, 1, 4, 2]];
     for order in write_orders {
         let mut lp = new_loop::<B>();
         let pipes: Vec<_> = (0..6).map(|_| pipe()).collect();

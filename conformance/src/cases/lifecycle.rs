@@ -17,14 +17,20 @@ pub fn ids_start_at_one_separate_and_never_reused<B: Backend>() {
     let mut lp = new_loop::<B>();
     let h = lp.handle().clone();
     let (r, _w) = pipe();
-    let w1 = h.add_handle(raw(&r), Events::READABLE, |_, _, _, _| {}).unwrap();
+    let w1 = h
+        .add_handle(raw(&r), Events::READABLE, |_, _, _, _| {})
+        .unwrap();
     let t1 = h.add_timeout(Frequency::Disabled, |_, _| {}).unwrap();
-    let w2 = h.add_handle(raw(&r), Events::READABLE, |_, _, _, _| {}).unwrap();
+    let w2 = h
+        .add_handle(raw(&r), Events::READABLE, |_, _, _, _| {})
+        .unwrap();
     assert_eq!((w1.as_u64(), t1.as_u64(), w2.as_u64()), (1, 1, 2));
     h.remove_handle(w2).unwrap();
     h.remove_timeout(t1).unwrap();
     run_iterations(&mut lp, 1); // purge
-    let w3 = h.add_handle(raw(&r), Events::READABLE, |_, _, _, _| {}).unwrap();
+    let w3 = h
+        .add_handle(raw(&r), Events::READABLE, |_, _, _, _| {})
+        .unwrap();
     let t2 = h.add_timeout(Frequency::Disabled, |_, _| {}).unwrap();
     assert_eq!((w3.as_u64(), t2.as_u64()), (3, 2));
 }
@@ -34,7 +40,9 @@ pub fn unknown_ids_are_errors<B: Backend>() {
     let mut lp = new_loop::<B>();
     let h = lp.handle().clone();
     let (r, _w) = pipe();
-    let w = h.add_handle(raw(&r), Events::READABLE, |_, _, _, _| {}).unwrap();
+    let w = h
+        .add_handle(raw(&r), Events::READABLE, |_, _, _, _| {})
+        .unwrap();
     let t = h.add_timeout(Frequency::Disabled, |_, _| {}).unwrap();
     h.remove_handle(w).unwrap();
     h.remove_timeout(t).unwrap();
@@ -44,7 +52,10 @@ pub fn unknown_ids_are_errors<B: Backend>() {
             run_iterations(&mut lp, 1);
         }
         assert!(matches!(h.remove_handle(w), Err(Error::UnknownWatch(id)) if id == w));
-        assert!(matches!(h.update_handle(w, Events::WRITABLE), Err(Error::UnknownWatch(_))));
+        assert!(matches!(
+            h.update_handle(w, Events::WRITABLE),
+            Err(Error::UnknownWatch(_))
+        ));
         assert!(matches!(h.remove_timeout(t), Err(Error::UnknownTimer(id)) if id == t));
         assert!(matches!(
             h.update_timeout(t, Frequency::EveryIteration),
@@ -52,7 +63,10 @@ pub fn unknown_ids_are_errors<B: Backend>() {
         ));
     }
     let err = h.remove_handle(w).unwrap_err();
-    assert_eq!(err.to_string(), format!("watch {} is not registered", w.as_u64()));
+    assert_eq!(
+        err.to_string(),
+        format!("watch {} is not registered", w.as_u64())
+    );
     let io: std::io::Error = err.into();
     assert_eq!(io.kind(), std::io::ErrorKind::NotFound);
 }
@@ -65,7 +79,10 @@ pub fn invalid_fd_is_ebadf<B: Backend>() {
     drop(r);
     drop(w);
     for fd in [-1, closed] {
-        match lp.handle().add_handle(fd, Events::READABLE, |_, _, _, _| {}) {
+        match lp
+            .handle()
+            .add_handle(fd, Events::READABLE, |_, _, _, _| {})
+        {
             Err(Error::Io(e)) => assert_eq!(e.raw_os_error(), Some(Errno::BADF.raw_os_error())),
             other => panic!("fd {fd}: expected EBADF, got {other:?}"),
         }
@@ -113,7 +130,11 @@ pub fn timer_state_dropped_once_after_remove<B: Backend>() {
         .unwrap();
     let _ = t;
     run_iterations(&mut lp, 1);
-    assert_eq!(probe.drops(), 1, "not dropped at the end of the iteration that removed it");
+    assert_eq!(
+        probe.drops(),
+        1,
+        "not dropped at the end of the iteration that removed it"
+    );
     assert_eq!(probe.dropped_on(), Some(thread::current().id()));
     run_iterations(&mut lp, 2);
     assert_eq!(probe.drops(), 1);
@@ -140,7 +161,10 @@ pub fn dropping_loop_drops_everything<B: Backend>() {
     .unwrap();
     drop(lp);
     assert_eq!(probe.drops(), 3);
-    assert!(matches!(h.add_timeout(Frequency::Disabled, |_, _| {}), Err(Error::Closed)));
+    assert!(matches!(
+        h.add_timeout(Frequency::Disabled, |_, _| {}),
+        Err(Error::Closed)
+    ));
     assert!(matches!(h.invoke(|_| {}), Err(Error::Closed)));
     assert!(matches!(
         h.add_handle(raw(&r), Events::READABLE, |_, _, _, _| {}),
@@ -158,7 +182,9 @@ pub fn remove_close_reopen_readd_no_stale_event<B: Backend>() {
         let (mut reader, old_w) = pipe();
         write(&old_w, b"stale");
         let log = Recorder::new();
-        let old = h.add_handle(raw(&reader), Events::READABLE, log.watch()).unwrap();
+        let old = h
+            .add_handle(raw(&reader), Events::READABLE, log.watch())
+            .unwrap();
         run_until(&mut lp, "old READABLE", || !log.is_empty());
         let number = raw(&reader);
         let keep_old_open = rustix::io::fcntl_dupfd_cloexec(&reader, 0).unwrap();
@@ -180,8 +206,15 @@ pub fn remove_close_reopen_readd_no_stale_event<B: Backend>() {
             lp.run_once_timeout(Duration::from_millis(100)).unwrap();
             iterations += 1;
         }
-        assert!(log.is_empty(), "stale event from the old file: {:?}", log.take());
-        assert!(iterations <= 4, "spun {iterations} times on the old file's events");
+        assert!(
+            log.is_empty(),
+            "stale event from the old file: {:?}",
+            log.take()
+        );
+        assert!(
+            iterations <= 4,
+            "spun {iterations} times on the old file's events"
+        );
         write(&new_w, b"x");
         run_until(&mut lp, "the new file's READABLE", || !log.is_empty());
         assert_eq!(log.events_of(new)[0], Events::READABLE);
@@ -208,7 +241,10 @@ pub fn regular_file_always_ready<B: Backend>() {
         .add_handle(raw(&file), Events::READABLE, log.watch())
         .unwrap();
     run_iterations(&mut lp, 2);
-    assert_eq!(log.events_of(rw), vec![Events::READABLE | Events::WRITABLE; 2]);
+    assert_eq!(
+        log.events_of(rw),
+        vec![Events::READABLE | Events::WRITABLE; 2]
+    );
     assert_eq!(log.events_of(ro), vec![Events::READABLE; 2]);
     lp.handle().remove_handle(rw).unwrap();
     lp.handle().remove_handle(ro).unwrap();
@@ -257,14 +293,19 @@ pub fn net_zero_changes_cost_no_kernel_change<B: Backend>() {
     let pipes: Vec<_> = (0..20).map(|_| pipe()).collect();
     let mut ids: Vec<WatchId> = pipes
         .iter()
-        .map(|(r, _)| h.add_handle(raw(r), Events::READABLE, |_, _, _, _| {}).unwrap())
+        .map(|(r, _)| {
+            h.add_handle(raw(r), Events::READABLE, |_, _, _, _| {})
+                .unwrap()
+        })
         .collect();
     run_iterations(&mut lp, 1);
     let before = lp.stats().kernel_changes;
     for _ in 0..3 {
         for (id, (r, _)) in ids.iter_mut().zip(&pipes) {
             h.remove_handle(*id).unwrap();
-            *id = h.add_handle(raw(r), Events::READABLE, |_, _, _, _| {}).unwrap();
+            *id = h
+                .add_handle(raw(r), Events::READABLE, |_, _, _, _| {})
+                .unwrap();
             h.update_handle(*id, Events::empty()).unwrap();
             h.update_handle(*id, Events::READABLE).unwrap();
         }
@@ -302,7 +343,9 @@ pub fn many_fds_few_active<B: Backend>() {
     for &i in &active {
         write(&pairs[i].1, b"x"); // makes pairs[i].0, watch ids[2 * i], readable
     }
-    run_until(&mut lp, "three active fds", || fired.lock().unwrap().len() >= 3);
+    run_until(&mut lp, "three active fds", || {
+        fired.lock().unwrap().len() >= 3
+    });
     run_iterations(&mut lp, 1);
     let got = fired.lock().unwrap().clone();
     let want: Vec<WatchId> = active.iter().map(|&i| ids[2 * i]).collect();
@@ -340,12 +383,16 @@ pub fn panicking_callback_leaves_loop_usable<B: Backend>() {
         .add_handle(raw(&r2), Events::READABLE, log.draining_watch())
         .unwrap();
     let ticks = Recorder::new();
-    lp.handle().add_timeout(Frequency::EveryIteration, ticks.timer()).unwrap();
+    lp.handle()
+        .add_timeout(Frequency::EveryIteration, ticks.timer())
+        .unwrap();
     write(&w1, b"x");
     write(&w2, b"x");
     let mut panicked = false;
     for _ in 0..100 {
-        match catch_unwind(AssertUnwindSafe(|| lp.run_once_timeout(Duration::from_millis(50)))) {
+        match catch_unwind(AssertUnwindSafe(|| {
+            lp.run_once_timeout(Duration::from_millis(50))
+        })) {
             Err(_) => {
                 panicked = true;
                 break;
@@ -356,11 +403,17 @@ pub fn panicking_callback_leaves_loop_usable<B: Backend>() {
         }
     }
     assert!(panicked, "the callback's panic did not reach the caller");
-    assert!(log.events_of(other).is_empty(), "a higher id ran after the panic");
+    assert!(
+        log.events_of(other).is_empty(),
+        "a higher id ran after the panic"
+    );
     run_until(&mut lp, "the other watch after the panic", || {
         !log.events_of(other).is_empty()
     });
-    assert!(calls.load(Ordering::SeqCst) >= 2, "the panicking watch was lost");
+    assert!(
+        calls.load(Ordering::SeqCst) >= 2,
+        "the panicking watch was lost"
+    );
     lp.handle().update_handle(bomb, Events::empty()).unwrap();
     assert!(!ticks.is_empty());
 }
@@ -381,13 +434,24 @@ pub fn panicking_timer_loses_no_due_timer<B: Backend>() {
         })
         .unwrap();
     // Due later in the same pass: a longer period and a larger id.
-    let victim = h.add_timeout(Frequency::from_millis(10), log.timer()).unwrap();
+    let victim = h
+        .add_timeout(Frequency::from_millis(10), log.timer())
+        .unwrap();
     thread::sleep(Duration::from_millis(15));
     let outcome = catch_unwind(AssertUnwindSafe(|| lp.run_once_timeout(Duration::ZERO)));
-    assert!(outcome.is_err(), "the timer's panic did not reach the caller");
+    assert!(
+        outcome.is_err(),
+        "the timer's panic did not reach the caller"
+    );
     assert!(log.is_empty());
     lp.run_once_timeout(Duration::ZERO).unwrap();
-    assert_eq!(log.take(), vec![Fired::Timer(victim)], "the due timer was lost");
-    run_until(&mut lp, "the panicking timer again", || calls.load(Ordering::SeqCst) >= 2);
+    assert_eq!(
+        log.take(),
+        vec![Fired::Timer(victim)],
+        "the due timer was lost"
+    );
+    run_until(&mut lp, "the panicking timer again", || {
+        calls.load(Ordering::SeqCst) >= 2
+    });
     h.remove_timeout(bomb).unwrap();
 }

@@ -38,7 +38,8 @@ pub fn add_from_other_thread_wakes_blocked_loop<B: Backend>() {
     let log = Recorder::new();
     let sink = log.clone();
     let took = blocked_iteration(&mut lp, move |h| {
-        h.add_timeout(Frequency::EveryIteration, sink.timer()).unwrap();
+        h.add_timeout(Frequency::EveryIteration, sink.timer())
+            .unwrap();
     });
     assert!(took < WAKE_BOUND, "woke after {took:?}");
     run_until(&mut lp, "the timer", || !log.is_empty());
@@ -143,7 +144,9 @@ pub fn invoke_runs_after_timers_and_watches<B: Backend>() {
         .add_timeout(Frequency::EveryIteration, log.timer())
         .unwrap();
     let sink = log.clone();
-    lp.handle().invoke(move |_| sink.push(Fired::Mark(1))).unwrap();
+    lp.handle()
+        .invoke(move |_| sink.push(Fired::Mark(1)))
+        .unwrap();
     write(&w, b"x");
     run_until(&mut lp, "the watch", || !log.events_of(watch).is_empty());
     let all = log.take();
@@ -162,12 +165,18 @@ pub fn wakeups_only_while_asleep_and_coalesced<B: Backend>() {
     let h = lp.handle().clone();
     let (r, _w) = pipe();
     for _ in 0..50 {
-        let id = h.add_handle(raw(&r), Events::READABLE, |_, _, _, _| {}).unwrap();
+        let id = h
+            .add_handle(raw(&r), Events::READABLE, |_, _, _, _| {})
+            .unwrap();
         h.remove_handle(id).unwrap();
         h.invoke(|_| {}).unwrap();
     }
     run_iterations(&mut lp, 2);
-    assert_eq!(lp.stats().wake_writes, 0, "loop-thread changes wrote the eventfd");
+    assert_eq!(
+        lp.stats().wake_writes,
+        0,
+        "loop-thread changes wrote the eventfd"
+    );
 
     // A storm from another thread while the loop is blocked: one wakeup per sleep.
     let storm_done = Arc::new(AtomicBool::new(false));
@@ -193,8 +202,14 @@ pub fn wakeups_only_while_asleep_and_coalesced<B: Backend>() {
     sleeps += 2;
     let after = lp.stats();
     let writes = after.wake_writes - before.wake_writes;
-    assert!(writes <= sleeps, "{writes} eventfd writes for {sleeps} sleeps");
-    assert!(after.dispatched - before.dispatched >= 10_000, "invokes were lost");
+    assert!(
+        writes <= sleeps,
+        "{writes} eventfd writes for {sleeps} sleeps"
+    );
+    assert!(
+        after.dispatched - before.dispatched >= 10_000,
+        "invokes were lost"
+    );
 }
 
 /// A loop created on one thread can be moved to and run on another.
@@ -203,7 +218,9 @@ pub fn loop_created_on_one_thread_runs_on_another<B: Backend + Send + 'static>()
     let h = lp.handle().clone();
     let log = Recorder::new();
     let (r, w) = pipe();
-    let id = h.add_handle(raw(&r), Events::READABLE, log.draining_watch()).unwrap();
+    let id = h
+        .add_handle(raw(&r), Events::READABLE, log.draining_watch())
+        .unwrap();
     write(&w, b"x");
     let runner = thread::spawn(move || {
         let mut lp = lp;

@@ -8,24 +8,34 @@ use vireo_core::{Backend, Events, Frequency, TimerId};
 
 use crate::kit::*;
 
+/// When a timer fired, in order.
+type Stamps = Arc<Mutex<Vec<Instant>>>;
+
 /// Records when a timer fires.
-fn stamps() -> (Arc<Mutex<Vec<Instant>>>, impl FnMut(&vireo_core::LoopHandle, TimerId) + Send) {
+fn stamps() -> (Stamps, impl FnMut(&vireo_core::LoopHandle, TimerId) + Send) {
     let log = Arc::new(Mutex::new(Vec::new()));
     let sink = Arc::clone(&log);
-    (log, move |_: &vireo_core::LoopHandle, _| sink.lock().unwrap().push(Instant::now()))
+    (log, move |_: &vireo_core::LoopHandle, _| {
+        sink.lock().unwrap().push(Instant::now())
+    })
 }
 
 /// A disabled timer never fires, and does not keep the loop from blocking.
 pub fn disabled_timer_never_fires<B: Backend>() {
     let mut lp = new_loop::<B>();
     let log = Recorder::new();
-    lp.handle().add_timeout(Frequency::Disabled, log.timer()).unwrap();
+    lp.handle()
+        .add_timeout(Frequency::Disabled, log.timer())
+        .unwrap();
     lp.handle()
         .add_timeout(Frequency::from_millis(-1), log.timer())
         .unwrap();
     let start = Instant::now();
     lp.run_once_timeout(Duration::from_millis(50)).unwrap();
-    assert!(start.elapsed() >= Duration::from_millis(50), "did not block");
+    assert!(
+        start.elapsed() >= Duration::from_millis(50),
+        "did not block"
+    );
     run_iterations(&mut lp, 3);
     assert!(log.is_empty());
 }
@@ -43,7 +53,10 @@ pub fn zero_timer_fires_every_iteration_without_starving_fds<B: Backend>() {
         // A long timeout: the timer must keep the wait from blocking.
         lp.run_once_timeout(Duration::from_secs(5)).unwrap();
     }
-    assert!(start.elapsed() < Duration::from_secs(4), "an iteration blocked");
+    assert!(
+        start.elapsed() < Duration::from_secs(4),
+        "an iteration blocked"
+    );
     assert_eq!(ticks.take(), vec![Fired::Timer(t); 20]);
     let (r, w) = pipe();
     let log = Recorder::new();
@@ -62,7 +75,9 @@ pub fn period_never_early<B: Backend>() {
         let mut lp = new_loop::<B>();
         let (log, cb) = stamps();
         let start = Instant::now();
-        lp.handle().add_timeout(Frequency::Period(period), cb).unwrap();
+        lp.handle()
+            .add_timeout(Frequency::Period(period), cb)
+            .unwrap();
         run_until(&mut lp, "five firings", || log.lock().unwrap().len() >= 5);
         for (k, t) in log.lock().unwrap().iter().enumerate() {
             let earliest = start + period * (k as u32 + 1);
@@ -77,13 +92,19 @@ pub fn no_cumulative_drift_over_200_periods<B: Backend>() {
     let mut lp = new_loop::<B>();
     let (log, cb) = stamps();
     let start = Instant::now();
-    lp.handle().add_timeout(Frequency::Period(period), cb).unwrap();
+    lp.handle()
+        .add_timeout(Frequency::Period(period), cb)
+        .unwrap();
     let deadline = start + period * 200;
     while Instant::now() < deadline + period / 2 {
         lp.run_once_timeout(Duration::from_millis(50)).unwrap();
     }
     let times = log.lock().unwrap().clone();
-    assert!(times.len() >= 150, "only {} firings in 200 periods", times.len());
+    assert!(
+        times.len() >= 150,
+        "only {} firings in 200 periods",
+        times.len()
+    );
     // Each firing belongs to the grid slot it is at or after; its lateness against that slot
     // is what the loop added. With drift the lateness grows by the wakeup latency at every
     // firing and sweeps the whole period; without it, it stays near the latency. The median
@@ -112,15 +133,26 @@ pub fn missed_periods_coalesce<B: Backend>() {
     let mut lp = new_loop::<B>();
     let (log, cb) = stamps();
     let start = Instant::now();
-    lp.handle().add_timeout(Frequency::Period(period), cb).unwrap();
+    lp.handle()
+        .add_timeout(Frequency::Period(period), cb)
+        .unwrap();
     // Keep the loop from running for ten periods (the point of the case is elapsed time).
     thread::sleep(period * 10);
     lp.run_once_timeout(Duration::ZERO).unwrap();
-    assert_eq!(log.lock().unwrap().len(), 1, "missed periods must fire once");
-    run_until(&mut lp, "the next firing", || log.lock().unwrap().len() >= 2);
+    assert_eq!(
+        log.lock().unwrap().len(),
+        1,
+        "missed periods must fire once"
+    );
+    run_until(&mut lp, "the next firing", || {
+        log.lock().unwrap().len() >= 2
+    });
     let second = log.lock().unwrap()[1];
     let behind = second.duration_since(start);
-    assert!(behind >= period * 11, "next firing {behind:?} came before the next grid slot");
+    assert!(
+        behind >= period * 11,
+        "next firing {behind:?} came before the next grid slot"
+    );
 }
 
 /// Updating a timer restarts its period from the moment of the update.
@@ -133,7 +165,9 @@ pub fn update_restarts_period<B: Backend>() {
         .unwrap();
     thread::sleep(Duration::from_millis(20));
     let updated = Instant::now();
-    lp.handle().update_timeout(t, Frequency::from_millis(30)).unwrap();
+    lp.handle()
+        .update_timeout(t, Frequency::from_millis(30))
+        .unwrap();
     run_until(&mut lp, "the firing", || !log.lock().unwrap().is_empty());
     let first = log.lock().unwrap()[0];
     assert!(
@@ -155,7 +189,11 @@ pub fn update_timer_from_own_callback<B: Backend>() {
         })
         .unwrap();
     run_iterations(&mut lp, 5);
-    assert_eq!(log.lock().unwrap().len(), 1, "disabled from its own callback, yet fired again");
+    assert_eq!(
+        log.lock().unwrap().len(),
+        1,
+        "disabled from its own callback, yet fired again"
+    );
 
     let mut lp = new_loop::<B>();
     let count = Arc::new(Mutex::new(0u32));
@@ -173,7 +211,9 @@ pub fn update_timer_from_own_callback<B: Backend>() {
         .unwrap();
     run_iterations(&mut lp, 5);
     assert_eq!(*count.lock().unwrap(), 1, "a 40 ms period fired at once");
-    run_until(&mut lp, "the periodic firing", || *count.lock().unwrap() == 2);
+    run_until(&mut lp, "the periodic firing", || {
+        *count.lock().unwrap() == 2
+    });
     let since = switched.lock().unwrap().unwrap().elapsed();
     assert!(since >= Duration::from_millis(40));
 }
@@ -224,11 +264,21 @@ pub fn timers_by_deadline_then_id_before_watches<B: Backend>() {
     let h = lp.handle().clone();
     let log = Recorder::new();
     let (r, w) = pipe();
-    let watch = h.add_handle(raw(&r), Events::READABLE, log.draining_watch()).unwrap();
-    let late = h.add_timeout(Frequency::from_millis(30), log.timer()).unwrap();
-    let early = h.add_timeout(Frequency::from_millis(10), log.timer()).unwrap();
-    let every_a = h.add_timeout(Frequency::EveryIteration, log.timer()).unwrap();
-    let every_b = h.add_timeout(Frequency::EveryIteration, log.timer()).unwrap();
+    let watch = h
+        .add_handle(raw(&r), Events::READABLE, log.draining_watch())
+        .unwrap();
+    let late = h
+        .add_timeout(Frequency::from_millis(30), log.timer())
+        .unwrap();
+    let early = h
+        .add_timeout(Frequency::from_millis(10), log.timer())
+        .unwrap();
+    let every_a = h
+        .add_timeout(Frequency::EveryIteration, log.timer())
+        .unwrap();
+    let every_b = h
+        .add_timeout(Frequency::EveryIteration, log.timer())
+        .unwrap();
     write(&w, b"x");
     // Let both periods pass before the loop looks (elapsed time is the point here).
     thread::sleep(Duration::from_millis(40));
@@ -257,7 +307,10 @@ pub fn timer_added_in_callback_waits_for_next_iteration<B: Backend>() {
             sink.push(Fired::Timer(id));
             let mut slot = slot.lock().unwrap();
             if slot.is_none() {
-                *slot = Some(h.add_timeout(Frequency::EveryIteration, sink.timer()).unwrap());
+                *slot = Some(
+                    h.add_timeout(Frequency::EveryIteration, sink.timer())
+                        .unwrap(),
+                );
             }
         })
         .unwrap();
@@ -273,9 +326,18 @@ pub fn libvirt_millisecond_frequencies<B: Backend>() {
     let mut lp = new_loop::<B>();
     let log = Recorder::new();
     let start = Instant::now();
-    let off = lp.handle().add_timeout(Frequency::from_millis(-1), log.timer()).unwrap();
-    let every = lp.handle().add_timeout(Frequency::from_millis(0), log.timer()).unwrap();
-    let period = lp.handle().add_timeout(Frequency::from_millis(15), log.timer()).unwrap();
+    let off = lp
+        .handle()
+        .add_timeout(Frequency::from_millis(-1), log.timer())
+        .unwrap();
+    let every = lp
+        .handle()
+        .add_timeout(Frequency::from_millis(0), log.timer())
+        .unwrap();
+    let period = lp
+        .handle()
+        .add_timeout(Frequency::from_millis(15), log.timer())
+        .unwrap();
     let mut seen = Vec::new();
     run_until(&mut lp, "the 15 ms timer", || {
         seen.extend(log.take());
@@ -286,5 +348,8 @@ pub fn libvirt_millisecond_frequencies<B: Backend>() {
     run_iterations(&mut lp, 2);
     let rest = log.take();
     assert!(!rest.contains(&Fired::Timer(off)));
-    assert_eq!(rest.iter().filter(|f| **f == Fired::Timer(every)).count(), 2);
+    assert_eq!(
+        rest.iter().filter(|f| **f == Fired::Timer(every)).count(),
+        2
+    );
 }
