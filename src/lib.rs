@@ -68,3 +68,8 @@ pub use vireo_core::{
 ///
 /// For another backend name it explicitly: `vireo::core::EventLoop::<vireo::backends::Poll>`.
 pub type EventLoop = vireo_core::EventLoop<DefaultBackend>;
+
+/// The README's example, compiled and run as a doctest so it stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

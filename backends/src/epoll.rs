@@ -247,3 +247,46 @@ impl Backend for Epoll {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+
+    /// The fallback for kernels without `epoll_pwait2` rounds up: a 1.5 ms wait never returns
+    /// before 1.5 ms.
+    #[test]
+    fn millisecond_fallback_never_returns_early() {
+        let mut epoll = Epoll::new().unwrap();
+        epoll.pwait2 = false;
+        let mut ready = Vec::new();
+        for _ in 0..5 {
+            let start = Instant::now();
+            epoll
+                .wait(&mut ready, Some(Duration::from_micros(1500)))
+                .unwrap();
+            assert!(
+                start.elapsed() >= Duration::from_micros(1500),
+                "{:?}",
+                start.elapsed()
+            );
+        }
+        assert!(ready.is_empty());
+    }
+
+    /// Nanosecond waits are available on the kernels vireo is developed on (5.11+).
+    #[test]
+    fn pwait2_probe_and_wait() {
+        let mut epoll = Epoll::new().unwrap();
+        let mut ready = Vec::new();
+        let start = Instant::now();
+        epoll
+            .wait(&mut ready, Some(Duration::from_micros(300)))
+            .unwrap();
+        assert!(start.elapsed() >= Duration::from_micros(300));
+        if !epoll.has_nanosecond_timeouts() {
+            eprintln!("epoll_pwait2 unavailable here: waits use whole milliseconds");
+        }
+    }
+}

@@ -7,7 +7,7 @@
 //! - [`conformance_suite!`] turns every case into a `#[test]` for one backend, so a failure
 //!   reads `epoll::hangup_on_closed_socket_peer`. A backend crate's test file is one line:
 //!
-//!   ```ignore
+//!   ```
 //!   vireo_conformance::conformance_suite!(epoll, vireo_backends::Epoll);
 //!   ```
 //!
@@ -43,7 +43,7 @@ pub fn cases_for<B: vireo_core::Backend + Send + 'static>() -> Vec<Case> {
 
 /// Generates one `#[test]` per conformance case for a backend, inside `mod $name`.
 ///
-/// ```ignore
+/// ```
 /// vireo_conformance::conformance_suite!(poll, vireo_backends::Poll);
 /// // -> tests named poll::readable_after_write, poll::level_triggered_refire, ...
 /// ```
@@ -88,6 +88,7 @@ macro_rules! __conformance_cases {
             handles::error_on_pipe_without_reader,
             handles::empty_interest_never_fires_and_does_not_spin,
             handles::empty_interest_silent_beside_active_sibling,
+            handles::hangup_only_interest_gets_hangup_without_readable,
             handles::two_watches_split_interest,
             handles::dup_fd_is_independent,
             handles::update_interest_inside_callback,

@@ -214,9 +214,12 @@ impl LoopHandle {
         Ok(())
     }
 
-    /// Runs `f` once on the loop thread, after the timers and watches of the next iteration,
-    /// in the order of the `invoke` calls. This is how a worker thread hands a result back to
-    /// the loop. The loop does not block while closures are queued.
+    /// Runs `f` once on the loop thread, in the order of the `invoke` calls. This is how a
+    /// worker thread hands a result back to the loop.
+    ///
+    /// Queued closures run at the end of an iteration, after its timers and watches: a closure
+    /// queued before that phase begins runs in it, one queued during it (by another closure)
+    /// runs in the next iteration. The loop does not block while closures are queued.
     ///
     /// Closures still queued when the loop is dropped are dropped without running.
     ///

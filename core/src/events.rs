@@ -40,3 +40,17 @@ impl Events {
     /// The conditions every active watch receives whether or not it asked: `ERROR | HANGUP`.
     pub const ALWAYS: Events = Events::ERROR.union(Events::HANGUP);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_are_libvirts() {
+        assert_eq!(Events::READABLE.bits(), 1);
+        assert_eq!(Events::WRITABLE.bits(), 2);
+        assert_eq!(Events::ERROR.bits(), 4);
+        assert_eq!(Events::HANGUP.bits(), 8);
+        assert_eq!(Events::INTEREST | Events::ALWAYS, Events::all());
+    }
+}

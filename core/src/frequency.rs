@@ -54,3 +54,26 @@ impl Frequency {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn libvirt_millisecond_encoding_covers_the_whole_range() {
+        assert_eq!(Frequency::from_millis(i32::MIN), Frequency::Disabled);
+        assert_eq!(
+            Frequency::from_millis(1),
+            Frequency::Period(Duration::from_millis(1))
+        );
+        assert_eq!(
+            Frequency::from_millis(i32::MAX),
+            Frequency::Period(Duration::from_millis(i32::MAX as u64))
+        );
+        assert_eq!(Frequency::period(Duration::ZERO), Frequency::EveryIteration);
+        assert_eq!(
+            Frequency::Period(Duration::ZERO).normalized(),
+            Frequency::EveryIteration
+        );
+    }
+}

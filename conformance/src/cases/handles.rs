@@ -165,6 +165,24 @@ pub fn empty_interest_never_fires_and_does_not_spin<B: Backend>() {
     );
 }
 
+/// A watch whose interest is HANGUP alone gets the hangup but never READABLE, although the
+/// fd is readable too; ERROR and HANGUP need no READABLE or WRITABLE interest to arrive.
+pub fn hangup_only_interest_gets_hangup_without_readable<B: Backend>() {
+    let mut lp = new_loop::<B>();
+    let (r, w) = pipe();
+    write(&w, b"unread");
+    let log = Recorder::new();
+    let id = lp
+        .handle()
+        .add_handle(raw(&r), Events::HANGUP, log.watch())
+        .unwrap();
+    run_iterations(&mut lp, 2);
+    assert!(log.is_empty(), "fired without a hangup: {:?}", log.take());
+    drop(w);
+    run_until(&mut lp, "HANGUP", || !log.is_empty());
+    assert_eq!(log.events_of(id), vec![Events::HANGUP]);
+}
+
 /// Two watches on one fd: the one with an empty interest stays silent while the other fires.
 pub fn empty_interest_silent_beside_active_sibling<B: Backend>() {
     let mut lp = new_loop::<B>();
