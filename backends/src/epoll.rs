@@ -157,6 +157,17 @@ impl Backend for Epoll {
         Ok(this)
     }
 
+    fn info(&self) -> vireo_core::BackendInfo {
+        vireo_core::BackendInfo::new(Self::NAME).with(
+            "timeouts",
+            if self.pwait2 {
+                "ns (epoll_pwait2)"
+            } else {
+                "ms rounded up (epoll_pwait)"
+            },
+        )
+    }
+
     fn register(&mut self, fd: RawFd, token: Token, interest: Events) -> io::Result<()> {
         match epoll::add(
             &self.epoll,

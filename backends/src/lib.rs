@@ -1,13 +1,16 @@
 //! vireo's operating-system backends, one file each, each behind a cargo feature.
 //!
-//! | feature | type | platforms | notes |
-//! |---|---|---|---|
-//! | `epoll` (default) | [`Epoll`] | Linux, Android | level-triggered; ns timeouts via `epoll_pwait2` |
-//! | `poll` (default) | [`Poll`] | every POSIX system | O(fds) per wait; ns timeouts via `ppoll` |
+//! | feature | type | platforms | good at | costs |
+//! |---|---|---|---|---|
+//! | `io-uring` | [`IoUring`] | Linux 5.5+ (best 6.1+) | batching: interest changes, re-arms and the wait in one syscall | one completion plus one re-arm per event; for readiness alone expect epoll's speed, not better |
+//! | `epoll` (default) | [`Epoll`] | Linux, Android | O(ready) waits, no per-event re-arm; ns timeouts via `epoll_pwait2` | one `epoll_ctl` per interest change |
+//! | `portable` | [`Portable`] | Linux, Android, macOS, iOS, the BSDs, illumos, Solaris (via the `polling` crate: epoll, kqueue, event ports) | running where epoll and io_uring do not exist | an extra poll(2) for reports that carry a hangup or an error |
+//! | `poll` (default) | [`Poll`] | every POSIX system | simplicity; nothing to set up | O(registered fds) per wait, in the kernel and in the loop |
 //!
-//! [`DefaultBackend`] is the best one compiled in: epoll, else poll. Several backends can be
-//! compiled into one program and used side by side (the conformance suite and the benchmarks
-//! do exactly that).
+//! [`DefaultBackend`] is the best one compiled in, chosen at compile time by one cfg chain:
+//! io-uring, else epoll, else portable, else poll. [`AnyBackend`] chooses at run time from
+//! `VIREO_BACKEND=poll|epoll|io-uring|portable|auto`. Several backends can be compiled into one
+//! program and used side by side (the conformance suite and the benchmarks do exactly that).
 //!
 //! ```
 //! use vireo_backends::DefaultBackend;
@@ -23,12 +26,25 @@
 //! ```
 #![deny(missing_docs)]
 
+mod any;
 mod timeout;
+
+pub use any::{AnyBackend, BACKEND_ENV, BackendKind, Choice, backend_info};
+
+#[cfg(all(feature = "io-uring", target_os = "linux"))]
+mod uring;
+#[cfg(all(feature = "io-uring", target_os = "linux"))]
+pub use uring::{IoUring, SetupFlags, UringError, UringInfo};
 
 #[cfg(all(feature = "epoll", any(target_os = "linux", target_os = "android")))]
 mod epoll;
 #[cfg(all(feature = "epoll", any(target_os = "linux", target_os = "android")))]
 pub use epoll::Epoll;
+
+#[cfg(feature = "portable")]
+mod portable;
+#[cfg(feature = "portable")]
+pub use portable::Portable;
 
 #[cfg(feature = "poll")]
 mod poll;
@@ -37,19 +53,40 @@ pub use poll::Poll;
 
 pub use vireo_core::Backend;
 
-/// The best backend compiled in: epoll where available, else poll.
-#[cfg(all(feature = "epoll", any(target_os = "linux", target_os = "android")))]
+#[cfg(all(feature = "io-uring", target_os = "linux"))]
+/// The best backend compiled in (io-uring here).
+pub type DefaultBackend = IoUring;
+
+#[cfg(all(
+    not(all(feature = "io-uring", target_os = "linux")),
+    all(feature = "epoll", any(target_os = "linux", target_os = "android"))
+))]
+/// The best backend compiled in (epoll here).
 pub type DefaultBackend = Epoll;
 
-/// The best backend compiled in: epoll where available, else poll.
 #[cfg(all(
+    not(all(feature = "io-uring", target_os = "linux")),
     not(all(feature = "epoll", any(target_os = "linux", target_os = "android"))),
+    feature = "portable"
+))]
+/// The best backend compiled in (portable here).
+pub type DefaultBackend = Portable;
+
+#[cfg(all(
+    not(all(feature = "io-uring", target_os = "linux")),
+    not(all(feature = "epoll", any(target_os = "linux", target_os = "android"))),
+    not(feature = "portable"),
     feature = "poll"
 ))]
+/// The best backend compiled in (poll here).
 pub type DefaultBackend = Poll;
 
 #[cfg(not(any(
+    all(feature = "io-uring", target_os = "linux"),
     all(feature = "epoll", any(target_os = "linux", target_os = "android")),
+    feature = "portable",
     feature = "poll"
 )))]
-compile_error!("vireo-backends: enable at least one backend feature (`poll` or `epoll`)");
+compile_error!(
+    "vireo-backends: enable at least one backend feature (`poll`, `epoll`, `io-uring` or `portable`)"
+);

@@ -151,6 +151,16 @@ impl Recorder {
     }
 }
 
+/// A short description of a log for failure messages: the count and the first entries.
+pub fn summary(log: &[Fired]) -> String {
+    let shown: Vec<String> = log.iter().take(5).map(|f| format!("{f:?}")).collect();
+    if log.len() > 5 {
+        format!("{} entries: {}, ...", log.len(), shown.join(", "))
+    } else {
+        format!("{} entries: {}", log.len(), shown.join(", "))
+    }
+}
+
 /// Runs iterations until `done()` holds, for at most [`PATIENCE`]; panics otherwise.
 #[track_caller]
 pub fn run_until<B: Backend>(lp: &mut EventLoop<B>, what: &str, mut done: impl FnMut() -> bool) {

@@ -36,6 +36,40 @@ pub struct Case {
     pub run: fn(),
 }
 
+/// The environment variable naming backends that must run (comma-separated, e.g.
+/// `io-uring,epoll`): for them an unavailable backend fails the suite instead of being skipped.
+pub const REQUIRE_ENV: &str = "VIREO_REQUIRE_BACKENDS";
+
+/// Whether `name` is listed in [`REQUIRE_ENV`].
+pub fn is_required(name: &str) -> bool {
+    std::env::var(REQUIRE_ENV)
+        .map(|v| v.split(',').any(|b| b.trim() == name))
+        .unwrap_or(false)
+}
+
+/// Why backend `B` cannot start on this machine, or `None` when it can.
+pub fn unavailable_reason<B: vireo_core::Backend>() -> Option<String> {
+    B::new().err().map(|e| e.to_string())
+}
+
+/// Whether the cases can run on backend `B` here. When `B` cannot start, prints the reason and
+/// returns false (the case is skipped), or panics if [`REQUIRE_ENV`] names the backend.
+pub fn available<B: vireo_core::Backend>() -> bool {
+    match unavailable_reason::<B>() {
+        None => true,
+        Some(why) if is_required(B::NAME) => {
+            panic!(
+                "{} is required ({REQUIRE_ENV}) but cannot start: {why}",
+                B::NAME
+            )
+        }
+        Some(why) => {
+            eprintln!("skipped: the {} backend cannot start here: {why}", B::NAME);
+            false
+        }
+    }
+}
+
 /// Every case, instantiated for backend `B`, in the suite's order.
 pub fn cases_for<B: vireo_core::Backend + Send + 'static>() -> Vec<Case> {
     __conformance_cases!(@list B)
@@ -63,7 +97,9 @@ macro_rules! __conformance_cases {
             $(
                 #[test]
                 fn $case() {
-                    $crate::cases::$group::$case::<$backend>();
+                    if $crate::available::<$backend>() {
+                        $crate::cases::$group::$case::<$backend>();
+                    }
                 }
             )*
         }
@@ -107,6 +143,8 @@ macro_rules! __conformance_cases {
             lifecycle::closed_while_registered_is_silent,
             lifecycle::net_zero_changes_cost_no_kernel_change,
             lifecycle::many_fds_few_active,
+            lifecycle::more_ready_fds_than_a_completion_queue_holds,
+            lifecycle::remove_then_close_lets_peer_see_eof_promptly,
             lifecycle::panicking_callback_leaves_loop_usable,
             lifecycle::panicking_timer_loses_no_due_timer,
             timers::disabled_timer_never_fires,

@@ -15,6 +15,62 @@ pub struct Readiness {
     pub events: Events,
 }
 
+/// What a backend says about itself: its name and a few facts worth logging (setup flags,
+/// timeout precision, why a fallback was taken).
+///
+/// ```
+/// use vireo_core::BackendInfo;
+///
+/// let info = BackendInfo::new("epoll").with("timeouts", "ns");
+/// assert_eq!(info.get("timeouts"), Some("ns"));
+/// assert_eq!(info.to_string(), "epoll (timeouts=ns)");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendInfo {
+    /// The backend's name, as in [`Backend::NAME`].
+    pub name: &'static str,
+    /// `(key, value)` facts, in the order the backend gave them.
+    pub details: Vec<(&'static str, String)>,
+}
+
+impl BackendInfo {
+    /// Info with a name and no details.
+    pub fn new(name: &'static str) -> BackendInfo {
+        BackendInfo {
+            name,
+            details: Vec::new(),
+        }
+    }
+
+    /// Adds a fact.
+    pub fn with(mut self, key: &'static str, value: impl Into<String>) -> BackendInfo {
+        self.details.push((key, value.into()));
+        self
+    }
+
+    /// The value of a fact, if present.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.details
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+impl std::fmt::Display for BackendInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name)?;
+        for (i, (k, v)) in self.details.iter().enumerate() {
+            f.write_str(if i == 0 { " (" } else { ", " })?;
+            write!(f, "{k}={v}")?;
+        }
+        if !self.details.is_empty() {
+            f.write_str(")")?;
+        }
+        Ok(())
+    }
+}
+
 /// An OS readiness mechanism (poll, epoll, io_uring, ...) that an
 /// [`EventLoop`](crate::EventLoop) runs on.
 ///
@@ -45,10 +101,14 @@ pub struct Readiness {
 ///    ready for their whole interest, as poll(2) reports them. A backend whose kernel refuses
 ///    such files (epoll's `EPERM`) emulates this.
 /// 7. **An fd closed while registered** is a contract violation by the caller. The backend
-///    must not crash, panic or spin: it reports nothing for it (poll silences `POLLNVAL`;
-///    epoll loses the registration with the last reference to the file), and a later
+///    must not crash, panic or spin, and may report at most one more readiness for it (an
+///    io_uring poll already in flight holds its own reference to the file) before it goes
+///    silent (poll silences `POLLNVAL`; epoll loses the registration with the last reference
+///    to the file; io_uring's re-arm fails with `EBADF`). A later
 ///    [`deregister`](Backend::deregister) may fail with `EBADF` or `ENOENT`, which the core
-///    ignores.
+///    ignores. Readiness the backend cannot attribute to a current registration (the kernel
+///    kept a registration for a file that was closed and replaced) is reported with
+///    [`Token::UNKNOWN`] or its old token, never with a current one.
 /// 8. **Timeouts.** `wait(None)` blocks until an event or a wakeup; `wait(Some(d))` returns
 ///    after at most about `d`, never *before* `d` unless an event arrived (round up, never
 ///    down); `Some(Duration::ZERO)` does not block. `EINTR` is a normal empty return.
@@ -57,6 +117,17 @@ pub struct Readiness {
 pub trait Backend: Sized {
     /// A short, stable name for tables and logs: `"poll"`, `"epoll"`, ...
     const NAME: &'static str;
+
+    /// The name of the backend in use; differs from [`NAME`](Backend::NAME) only for backends
+    /// that choose at run time.
+    fn name(&self) -> &'static str {
+        Self::NAME
+    }
+
+    /// What the backend says about itself (see [`BackendInfo`]).
+    fn info(&self) -> BackendInfo {
+        BackendInfo::new(self.name())
+    }
 
     /// Creates the backend's kernel object (an epoll fd, a ring, ...).
     ///
@@ -86,6 +157,17 @@ pub trait Backend: Sized {
     /// The kernel's error; `EBADF` and `ENOENT` (the fd was closed while registered) are
     /// ignored by the core.
     fn deregister(&mut self, fd: RawFd, token: Token) -> io::Result<()>;
+
+    /// Called after each batch of registration changes, before the loop returns or waits. A
+    /// backend that queues changes (io_uring) sends the ones that must reach the kernel now
+    /// (removals, whose pending polls keep files open) here. The default does nothing.
+    ///
+    /// # Errors
+    ///
+    /// The kernel's error.
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 
     /// Waits for readiness or until `timeout` passes, appending reports to `ready` (which the
     /// core clears first). At most one report per token per call.

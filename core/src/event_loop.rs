@@ -344,7 +344,7 @@ pub struct EventLoop<B: Backend> {
 impl<B: Backend> std::fmt::Debug for EventLoop<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EventLoop")
-            .field("backend", &B::NAME)
+            .field("backend", &self.backend.name())
             .field("iterations", &self.iterations)
             .finish_non_exhaustive()
     }
@@ -392,9 +392,14 @@ impl<B: Backend> EventLoop<B> {
         &self.handle
     }
 
-    /// The backend's name (`"poll"`, `"epoll"`, ...).
+    /// The backend's name (`"poll"`, `"epoll"`, `"io-uring"`, ...).
     pub fn backend_name(&self) -> &'static str {
-        B::NAME
+        self.backend.name()
+    }
+
+    /// What the backend says about itself: name, setup flags, timeout precision, ...
+    pub fn backend_info(&self) -> crate::BackendInfo {
+        self.backend.info()
     }
 
     /// The backend, for inspection.
@@ -603,6 +608,11 @@ impl<B: Backend> EventLoop<B> {
         }
 
         self.purge();
+        // Apply this iteration's removals and changes now rather than at the next iteration:
+        // a backend whose pending polls hold file references (io_uring) then lets the caller's
+        // close take effect (the peer sees EOF) as soon as run_once returns. An error here
+        // leaves the fd dirty; the next iteration retries it and reports the error.
+        let _ = shared.lock().sync(&mut self.backend);
         Ok(count)
     }
 }

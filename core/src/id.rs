@@ -55,6 +55,12 @@ impl Token {
     /// The token of the loop's own wakeup eventfd.
     pub const WAKER: Token = Token(u64::MAX);
 
+    /// A token no registration ever has. A backend reports it for readiness it cannot
+    /// attribute to a current registration (a registration the kernel kept for a file that was
+    /// closed and replaced); the core then replaces the backend with a fresh instance, as it
+    /// does for any stale token.
+    pub const UNKNOWN: Token = Token(u64::MAX - 1);
+
     pub(crate) fn new(slot: usize, generation: u32) -> Token {
         debug_assert!(slot < u32::MAX as usize);
         Token(((generation as u64) << 32) | slot as u64)

@@ -111,9 +111,11 @@
 //!   core compares the file's identity (`st_dev`, `st_ino`) at add and re-registers the new
 //!   file, so no event of the old file ever reaches the new watch.
 //! - **Closing an fd while it is watched** is a contract violation. vireo neither crashes nor
-//!   spins: the watch stays silent, and removing it afterwards succeeds and drops its state
-//!   once. (If another fd still refers to the same open file, epoll keeps reporting that file
-//!   while poll reports nothing; which one you get is unspecified, so remove first.)
+//!   spins and never reports to another watch: the watch gets at most one more report (an
+//!   io_uring poll in flight holds the file open until it completes) and then stays silent,
+//!   and removing it afterwards succeeds and drops its state once. (If another fd still
+//!   refers to the same open file, epoll keeps reporting that file while poll reports nothing;
+//!   which one you get is unspecified, so remove first.)
 #![deny(missing_docs)]
 
 mod backend;
@@ -125,7 +127,7 @@ mod id;
 mod table;
 mod waker;
 
-pub use backend::{Backend, Readiness};
+pub use backend::{Backend, BackendInfo, Readiness};
 pub use error::Error;
 pub use event_loop::{EventLoop, LoopHandle, LoopStats};
 pub use events::Events;

@@ -320,6 +320,7 @@ impl State {
     /// returned after the other fds were synced.
     pub(crate) fn sync<B: Backend>(&mut self, backend: &mut B) -> io::Result<()> {
         let mut first_error = None;
+        let changes_before = self.kernel_changes;
         let dirty = std::mem::take(&mut self.dirty);
         let mut retry = Vec::new();
         for &slot in &dirty {
@@ -387,6 +388,11 @@ impl State {
         self.dirty = dirty;
         for slot in retry {
             self.mark_dirty(slot);
+        }
+        if self.kernel_changes != changes_before {
+            if let Err(e) = backend.flush() {
+                first_error.get_or_insert(e);
+            }
         }
         match first_error {
             Some(e) => Err(e),

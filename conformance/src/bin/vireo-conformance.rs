@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use vireo_conformance::{Case, cases_for};
+use vireo_conformance::{Case, REQUIRE_ENV, cases_for, is_required, unavailable_reason};
+use vireo_core::Backend;
 
 /// Runs the vireo conformance suite on every compiled backend and prints a case x backend
 /// matrix: every backend must pass every case.
@@ -35,14 +36,25 @@ struct Args {
     timeout: u64,
 }
 
+/// A compiled backend: its name, why it cannot start here (if it cannot), its cases.
+type Column = (&'static str, Option<String>, Vec<Case>);
+
+fn column<B: Backend + Send + 'static>() -> Column {
+    (B::NAME, unavailable_reason::<B>(), cases_for::<B>())
+}
+
 /// The compiled backends with their instantiated cases.
 #[allow(clippy::vec_init_then_push)] // each push is behind its own feature
-fn backends() -> Vec<(&'static str, Vec<Case>)> {
+fn backends() -> Vec<Column> {
     let mut all = Vec::new();
     #[cfg(feature = "poll")]
-    all.push(("poll", cases_for::<vireo_backends::Poll>()));
+    all.push(column::<vireo_backends::Poll>());
     #[cfg(feature = "epoll")]
-    all.push(("epoll", cases_for::<vireo_backends::Epoll>()));
+    all.push(column::<vireo_backends::Epoll>());
+    #[cfg(feature = "io-uring")]
+    all.push(column::<vireo_backends::IoUring>());
+    #[cfg(feature = "portable")]
+    all.push(column::<vireo_backends::Portable>());
     all
 }
 
@@ -86,11 +98,22 @@ fn run_case(case: Case, limit: Duration) -> Outcome {
             elapsed,
             error: None,
         },
-        Ok((false, elapsed, message)) => Outcome {
-            passed: false,
-            elapsed,
-            error: Some(message.unwrap_or_else(|| "panicked".into())),
-        },
+        Ok((false, elapsed, message)) => {
+            let mut message = message.unwrap_or_else(|| "panicked".into());
+            if message.len() > 2000 {
+                let mut end = 2000;
+                while !message.is_char_boundary(end) {
+                    end -= 1;
+                }
+                message.truncate(end);
+                message.push_str(" ...");
+            }
+            Outcome {
+                passed: false,
+                elapsed,
+                error: Some(message),
+            }
+        }
         // The case's thread is left behind; the process exits with a failure at the end.
         Err(_) => Outcome {
             passed: false,
@@ -113,7 +136,7 @@ fn fmt_duration(d: Duration) -> String {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut selected = backends();
-    let compiled: Vec<&str> = selected.iter().map(|(name, _)| *name).collect();
+    let compiled: Vec<&str> = selected.iter().map(|(name, _, _)| *name).collect();
     if let Some(want) = args
         .backend
         .as_deref()
@@ -125,14 +148,14 @@ fn main() -> anyhow::Result<()> {
                 compiled.join(", ")
             );
         }
-        selected.retain(|(name, _)| *name == want);
+        selected.retain(|(name, _, _)| *name == want);
     }
-    for (_, cases) in &mut selected {
+    for (_, _, cases) in &mut selected {
         if let Some(filter) = &args.filter {
             cases.retain(|c| format!("{}::{}", c.group, c.name).contains(filter.as_str()));
         }
     }
-    let case_count = selected.first().map_or(0, |(_, c)| c.len());
+    let case_count = selected.first().map_or(0, |(_, _, c)| c.len());
     if case_count == 0 {
         bail!(
             "no case matches the filter {:?}",
@@ -142,7 +165,7 @@ fn main() -> anyhow::Result<()> {
 
     if args.list {
         println!("backends: {}", compiled.join(", "));
-        for case in &selected[0].1 {
+        for case in &selected[0].2 {
             println!("{}::{}", case.group, case.name);
         }
         return Ok(());
@@ -157,14 +180,38 @@ fn main() -> anyhow::Result<()> {
 
     let limit = Duration::from_secs(args.timeout);
     let width = selected[0]
-        .1
+        .2
         .iter()
         .map(|c| c.group.len() + 2 + c.name.len())
         .max()
         .unwrap_or(0)
         + 2;
-    let names: Vec<&str> = selected.iter().map(|(n, _)| *n).collect();
+    let names: Vec<&str> = selected.iter().map(|(n, _, _)| *n).collect();
     let mut out = std::io::stdout().lock();
+    let mut failures = Vec::new();
+    for (name, why, _) in &selected {
+        if let Some(why) = why {
+            let required = is_required(name);
+            if !args.json {
+                writeln!(
+                    out,
+                    "{} {name}: cannot start here: {why}",
+                    if required {
+                        "FAILED (required)"
+                    } else {
+                        "skipping"
+                    }
+                )?;
+            }
+            if required {
+                failures.push((
+                    name.to_string(),
+                    "backend".to_string(),
+                    Some(format!("required by {REQUIRE_ENV} but cannot start: {why}")),
+                ));
+            }
+        }
+    }
     if !args.json {
         writeln!(
             out,
@@ -178,16 +225,27 @@ fn main() -> anyhow::Result<()> {
         writeln!(out)?;
     }
 
-    let mut failures = Vec::new();
     let mut totals: Vec<(usize, Duration)> = vec![(0, Duration::ZERO); names.len()];
     for i in 0..case_count {
-        let case = selected[0].1[i];
+        let case = selected[0].2[i];
         let label = format!("{}::{}", case.group, case.name);
         if !args.json {
             write!(out, "{label:<width$}")?;
             out.flush()?;
         }
-        for (b, (backend, cases)) in selected.iter().enumerate() {
+        for (b, (backend, why, cases)) in selected.iter().enumerate() {
+            if why.is_some() {
+                if args.json {
+                    let line = serde_json::json!({
+                        "case": case.name, "group": case.group, "backend": backend,
+                        "passed": serde_json::Value::Null, "skipped": true, "error": why,
+                    });
+                    writeln!(out, "{line}")?;
+                } else {
+                    write!(out, "{:>16}", "skip")?;
+                }
+                continue;
+            }
             let outcome = run_case(cases[i], limit);
             totals[b].1 += outcome.elapsed;
             if outcome.passed {
@@ -221,6 +279,7 @@ fn main() -> anyhow::Result<()> {
     }
 
     let passed: usize = totals.iter().map(|t| t.0).sum();
+    let skipped = selected.iter().filter(|(_, why, _)| why.is_some()).count() * case_count;
     let failed = failures.len();
     if args.json {
         let per_backend: Vec<_> = names
@@ -232,7 +291,8 @@ fn main() -> anyhow::Result<()> {
             })
             .collect();
         let summary = serde_json::json!({
-            "summary": true, "passed": passed, "failed": failed, "backends": per_backend,
+            "summary": true, "passed": passed, "failed": failed, "skipped": skipped,
+            "backends": per_backend,
         });
         writeln!(out, "{summary}")?;
     } else {
@@ -252,7 +312,11 @@ fn main() -> anyhow::Result<()> {
                 error.as_deref().unwrap_or("")
             )?;
         }
-        writeln!(out, "{passed} passed, {failed} failed")?;
+        if skipped > 0 {
+            writeln!(out, "{passed} passed, {failed} failed, {skipped} skipped")?;
+        } else {
+            writeln!(out, "{passed} passed, {failed} failed")?;
+        }
     }
     out.flush().context("writing the report")?;
     if failed > 0 {

@@ -253,8 +253,8 @@ pub fn regular_file_always_ready<B: Backend>() {
     assert!(log.is_empty());
 }
 
-/// Closing a watched fd (a contract violation) leaves the watch silent, the loop not spinning,
-/// and the watch removable once.
+/// Closing a watched fd (a contract violation): at most one late report (a poll in flight may
+/// hold the file), then silence; the loop does not spin, and the watch is removable once.
 pub fn closed_while_registered_is_silent<B: Backend>() {
     let mut lp = new_loop::<B>();
     let (r, w) = pipe();
@@ -278,8 +278,13 @@ pub fn closed_while_registered_is_silent<B: Backend>() {
         lp.run_once_timeout(Duration::from_millis(100)).unwrap();
         iterations += 1;
     }
-    assert!(log.is_empty(), "a closed fd fired: {:?}", log.take());
-    assert!(iterations <= 4, "spun {iterations} times on a closed fd");
+    let late = log.take();
+    assert!(
+        late.len() <= 1,
+        "a closed fd kept firing: {}",
+        summary(&late)
+    );
+    assert!(iterations <= 5, "spun {iterations} times on a closed fd");
     lp.handle().remove_handle(id).unwrap();
     run_iterations(&mut lp, 1);
     assert_eq!(probe.drops(), 1);
@@ -350,6 +355,86 @@ pub fn many_fds_few_active<B: Backend>() {
     let got = fired.lock().unwrap().clone();
     let want: Vec<WatchId> = active.iter().map(|&i| ids[2 * i]).collect();
     assert_eq!(got, want);
+}
+
+/// 5,000 fds ready at once, more than io_uring's completion queue holds (4,096): no event is
+/// lost, every callback runs, within a few iterations.
+pub fn more_ready_fds_than_a_completion_queue_holds<B: Backend>() {
+    raise_fd_limit(12_000);
+    let mut lp = new_loop::<B>();
+    let fired = Arc::new(AtomicUsize::new(0));
+    let pairs: Vec<_> = (0..2500).map(|_| socketpair()).collect();
+    for (a, b) in &pairs {
+        for fd in [a, b] {
+            let count = Arc::clone(&fired);
+            lp.handle()
+                .add_handle(raw(fd), Events::READABLE, move |h, id, fd, _| {
+                    drain(fd);
+                    count.fetch_add(1, Ordering::SeqCst);
+                    h.remove_handle(id).unwrap();
+                })
+                .unwrap();
+        }
+    }
+    run_iterations(&mut lp, 1); // registered before they become ready
+    for (a, b) in &pairs {
+        write(a, b"x");
+        write(b, b"x");
+    }
+    let mut iterations = 0;
+    run_until(&mut lp, "5,000 callbacks", || {
+        iterations += 1;
+        fired.load(Ordering::SeqCst) == 5000
+    });
+    assert!(iterations <= 10, "took {iterations} iterations");
+}
+
+/// After a watch is removed and its fd closed, the peer sees EOF as soon as the loop has run:
+/// at once when it happens inside a callback, after one iteration when it happens outside.
+/// (A pending io_uring poll holds a reference to the file until the removal reaches the
+/// kernel.)
+pub fn remove_then_close_lets_peer_see_eof_promptly<B: Backend>() {
+    use std::os::fd::OwnedFd;
+
+    fn peer_sees_eof(peer: &OwnedFd) -> bool {
+        let mut buf = [0u8; 8];
+        matches!(rustix::io::read(peer, &mut buf), Ok(0))
+    }
+
+    // Inside another watch's callback, while the removed watch is idle (armed in io_uring).
+    let mut lp = new_loop::<B>();
+    let (ours, peer) = socketpair();
+    let idle = lp
+        .handle()
+        .add_handle(raw(&ours), Events::READABLE, |_, _, _, _| {})
+        .unwrap();
+    run_iterations(&mut lp, 1);
+    let (trigger_r, trigger_w) = pipe();
+    let ours = Arc::new(Mutex::new(Some(ours)));
+    let slot = Arc::clone(&ours);
+    lp.handle()
+        .add_handle(raw(&trigger_r), Events::READABLE, move |h, id, fd, _| {
+            drain(fd);
+            h.remove_handle(id).unwrap();
+            h.remove_handle(idle).unwrap();
+            drop(slot.lock().unwrap().take()); // close
+        })
+        .unwrap();
+    write(&trigger_w, b"x");
+    run_until(&mut lp, "the callback", || ours.lock().unwrap().is_none());
+    assert!(peer_sees_eof(&peer), "no EOF after run_once returned");
+
+    // Between iterations.
+    let (ours, peer) = socketpair();
+    let id = lp
+        .handle()
+        .add_handle(raw(&ours), Events::READABLE, |_, _, _, _| {})
+        .unwrap();
+    run_iterations(&mut lp, 1);
+    lp.handle().remove_handle(id).unwrap();
+    drop(ours);
+    run_iterations(&mut lp, 1);
+    assert!(peer_sees_eof(&peer), "no EOF after the next iteration");
 }
 
 fn raise_fd_limit(want: u64) {
