@@ -4,12 +4,14 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::panic;
+use std::process::ExitCode;
 use std::sync::{Mutex, OnceLock, mpsc};
 use std::thread::{self, ThreadId};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use vireo_backends::{AnyBackend, BackendKind, Choice};
 use vireo_conformance::{Case, REQUIRE_ENV, cases_for, is_required, unavailable_reason};
 use vireo_core::Backend;
 
@@ -41,6 +43,14 @@ type Column = (&'static str, Option<String>, Vec<Case>);
 
 fn column<B: Backend + Send + 'static>() -> Column {
     (B::NAME, unavailable_reason::<B>(), cases_for::<B>())
+}
+
+/// What a backend says about itself when started here.
+fn describe(name: &str) -> Option<String> {
+    let kind: BackendKind = name.parse().ok()?;
+    let mut info = AnyBackend::with_choice(Choice::Only(kind)).ok()?.info();
+    info.details.retain(|(key, _)| *key != "chosen_by");
+    Some(info.to_string())
 }
 
 /// The compiled backends with their instantiated cases.
@@ -133,8 +143,19 @@ fn fmt_duration(d: Duration) -> String {
     }
 }
 
-fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+fn main() -> ExitCode {
+    match run(Args::parse()) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(e) => {
+            eprintln!("vireo-conformance: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Runs the suite; `Ok(false)` when a case failed.
+fn run(args: Args) -> anyhow::Result<bool> {
     let mut selected = backends();
     let compiled: Vec<&str> = selected.iter().map(|(name, _, _)| *name).collect();
     if let Some(want) = args
@@ -168,7 +189,7 @@ fn main() -> anyhow::Result<()> {
         for case in &selected[0].2 {
             println!("{}::{}", case.group, case.name);
         }
-        return Ok(());
+        return Ok(true);
     }
 
     panic::set_hook(Box::new(|info| {
@@ -188,8 +209,20 @@ fn main() -> anyhow::Result<()> {
         + 2;
     let names: Vec<&str> = selected.iter().map(|(n, _, _)| *n).collect();
     let mut out = std::io::stdout().lock();
+    if !args.json {
+        writeln!(
+            out,
+            "vireo conformance: {case_count} cases x {} backend(s)",
+            names.len()
+        )?;
+    }
     let mut failures = Vec::new();
     for (name, why, _) in &selected {
+        if why.is_none() && !args.json {
+            if let Some(info) = describe(name) {
+                writeln!(out, "  {name:<9} {info}")?;
+            }
+        }
         if let Some(why) = why {
             let required = is_required(name);
             if !args.json {
@@ -213,11 +246,7 @@ fn main() -> anyhow::Result<()> {
         }
     }
     if !args.json {
-        writeln!(
-            out,
-            "vireo conformance: {case_count} cases x {} backend(s)\n",
-            names.len()
-        )?;
+        writeln!(out)?;
         write!(out, "{:<width$}", "case")?;
         for name in &names {
             write!(out, "{name:>16}")?;
@@ -319,8 +348,5 @@ fn main() -> anyhow::Result<()> {
         }
     }
     out.flush().context("writing the report")?;
-    if failed > 0 {
-        std::process::exit(1);
-    }
-    Ok(())
+    Ok(failed == 0)
 }
