@@ -1,0 +1,932 @@
+//! [`Pool`], its builder, submission, limits, stats and shutdown.
+
+use std::any::Any;
+use std::cell::RefCell;
+use std::fmt;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock};
+use std::thread::{self, JoinHandle};
+use std::time::Duration;
+
+use crossbeam_deque::{Injector, Steal, Stealer, Worker};
+
+use crate::sleep::{Sleep, Woke};
+use crate::{BuildError, LimitsError, Stats, SubmitError};
+
+/// A job: any closure that can be sent to a worker thread.
+///
+/// Jobs are boxed closures rather than a typed `Pool<T>` with one handler (libvirt's
+/// `jobFunc`): a closure carries its own context (the client a reply goes to, say), so one pool
+/// serves every kind of work. A closure that captures nothing boxes without allocating; one that
+/// captures data costs one small allocation per job (measured by `vireo-bench pool`).
+pub type Job = Box<dyn FnOnce() + Send + 'static>;
+
+/// Called with the payload of every job that panicked, on the worker that ran it.
+pub type PanicHook = Arc<dyn Fn(&(dyn Any + Send)) + Send + Sync + 'static>;
+
+/// Which jobs a worker takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Priority jobs first, then its own deque, the shared queue, other workers' deques.
+    Normal,
+    /// Priority jobs only.
+    Priority,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Running,
+    /// `drain()`: refuse outside submits, finish every queued job, then exit.
+    Draining,
+    /// `shutdown_now()`: refuse submits, drop queued jobs, exit after the running ones.
+    Stopping,
+}
+
+/// Limits and membership, changed under one mutex.
+struct Control {
+    min: usize,
+    max: usize,
+    prio_max: usize,
+    workers: usize,
+    prio_workers: usize,
+    mode: Mode,
+    handles: Vec<JoinHandle<()>>,
+    next_index: usize,
+}
+
+struct Shared {
+    id: usize,
+    name: String,
+    idle_timeout: Option<Duration>,
+    capacity: Option<usize>,
+    panic_hook: Option<PanicHook>,
+
+    injector: Injector<Job>,
+    prio_injector: Injector<Job>,
+    /// The deques of live normal workers, by slot; `None` for a slot whose worker exited.
+    stealers: RwLock<Vec<Option<Stealer<Job>>>>,
+    sleep: Sleep,
+    prio_sleep: Sleep,
+
+    control: Mutex<Control>,
+    /// Signalled when a worker exits, for `drain`/`shutdown_now`, and when a bounded queue
+    /// gains room, for blocked `submit`s.
+    changed: Condvar,
+    closed: AtomicBool,
+
+    // Mirrors of `Control` for lock-free checks on hot paths.
+    max: AtomicUsize,
+    workers: AtomicUsize,
+
+    queued: AtomicUsize,
+    prio_queued: AtomicUsize,
+    free: AtomicUsize,
+    running: AtomicUsize,
+    completed: AtomicU64,
+    panicked: AtomicU64,
+    stolen: AtomicU64,
+    dropped: AtomicU64,
+    blocked_submitters: AtomicUsize,
+}
+
+/// The worker context of the current thread, if it is a normal worker of some pool.
+struct Local {
+    pool: usize,
+    deque: Worker<Job>,
+}
+
+thread_local! {
+    static LOCAL: RefCell<Option<Local>> = const { RefCell::new(None) };
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A cheap generator for the random victim of a steal (xorshift on a per-thread seed).
+fn random_index(n: usize) -> usize {
+    thread_local! {
+        static SEED: std::cell::Cell<u64> = std::cell::Cell::new({
+            let addr = &SEED as *const _ as u64;
+            addr.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1
+        });
+    }
+    SEED.with(|s| {
+        let mut x = s.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        s.set(x);
+        (x % n as u64) as usize
+    })
+}
+
+/// Configures and starts a [`Pool`].
+///
+/// ```
+/// use std::time::Duration;
+/// use vireo_pool::Pool;
+///
+/// let pool = Pool::builder()
+///     .min_workers(2)
+///     .max_workers(8)
+///     .prio_workers(1)
+///     .name("rpc")
+///     .queue_capacity(10_000)
+///     .idle_timeout(Duration::from_secs(30))
+///     .build()?;
+/// assert_eq!(pool.stats().workers, 2);
+/// # Ok::<(), vireo_pool::BuildError>(())
+/// ```
+#[derive(Clone)]
+pub struct PoolBuilder {
+    min: usize,
+    max: usize,
+    prio: usize,
+    name: String,
+    capacity: Option<usize>,
+    idle_timeout: Option<Duration>,
+    panic_hook: Option<PanicHook>,
+}
+
+impl fmt::Debug for PoolBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PoolBuilder")
+            .field("min", &self.min)
+            .field("max", &self.max)
+            .field("prio", &self.prio)
+            .field("name", &self.name)
+            .field("capacity", &self.capacity)
+            .field("idle_timeout", &self.idle_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for PoolBuilder {
+    fn default() -> Self {
+        let cores = thread::available_parallelism().map_or(1, |n| n.get());
+        PoolBuilder {
+            min: cores,
+            max: cores,
+            prio: 0,
+            name: "vireo-worker".into(),
+            capacity: None,
+            idle_timeout: None,
+            panic_hook: None,
+        }
+    }
+}
+
+impl PoolBuilder {
+    /// Normal workers started at once and never retired for idleness (default: the number of
+    /// CPUs).
+    pub fn min_workers(mut self, n: usize) -> Self {
+        self.min = n;
+        self
+    }
+
+    /// The most normal workers; the pool grows one worker at a time up to it while there are no
+    /// more idle workers than queued jobs (default: the number of CPUs; at least 1).
+    pub fn max_workers(mut self, n: usize) -> Self {
+        self.max = n;
+        self
+    }
+
+    /// Workers that run only priority jobs, started at once (default 0).
+    pub fn prio_workers(mut self, n: usize) -> Self {
+        self.prio = n;
+        self
+    }
+
+    /// The thread name prefix: normal workers are `NAME-N`, priority workers `prio-NAME-N`.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Bounds the normal jobs that may wait in the queue: beyond it
+    /// [`try_submit`](Pool::try_submit) answers [`SubmitError::Full`] and
+    /// [`submit`](Pool::submit) from outside the pool blocks. Priority jobs and jobs submitted
+    /// by running jobs are never refused for space.
+    pub fn queue_capacity(mut self, capacity: usize) -> Self {
+        self.capacity = Some(capacity);
+        self
+    }
+
+    /// Workers above `min_workers` exit after being idle this long (default: never).
+    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
+        self.idle_timeout = Some(timeout);
+        self
+    }
+
+    /// Called with the payload of every panicking job (the job is counted in
+    /// [`Stats::panicked`] either way and its worker keeps serving).
+    pub fn panic_hook(mut self, hook: impl Fn(&(dyn Any + Send)) + Send + Sync + 'static) -> Self {
+        self.panic_hook = Some(Arc::new(hook));
+        self
+    }
+
+    /// Starts the pool with `min_workers` normal and `prio_workers` priority workers.
+    ///
+    /// `min_workers` above `max_workers` is clamped to it, as libvirt does at creation.
+    ///
+    /// # Errors
+    ///
+    /// [`BuildError::NoWorkers`] when `max_workers` is 0 (run such work inline instead),
+    /// [`BuildError::ZeroCapacity`] for a queue capacity of 0, [`BuildError::Spawn`] when a
+    /// thread cannot be started.
+    pub fn build(self) -> Result<Pool, BuildError> {
+        if self.max == 0 {
+            return Err(BuildError::NoWorkers);
+        }
+        if self.capacity == Some(0) {
+            return Err(BuildError::ZeroCapacity);
+        }
+        static NEXT_POOL: AtomicUsize = AtomicUsize::new(1);
+        let min = self.min.min(self.max);
+        let shared = Arc::new(Shared {
+            id: NEXT_POOL.fetch_add(1, SeqCst),
+            name: self.name,
+            idle_timeout: self.idle_timeout,
+            capacity: self.capacity,
+            panic_hook: self.panic_hook,
+            injector: Injector::new(),
+            prio_injector: Injector::new(),
+            stealers: RwLock::new(Vec::new()),
+            sleep: Sleep::new(),
+            prio_sleep: Sleep::new(),
+            control: Mutex::new(Control {
+                min,
+                max: self.max,
+                prio_max: self.prio,
+                workers: 0,
+                prio_workers: 0,
+                mode: Mode::Running,
+                handles: Vec::new(),
+                next_index: 0,
+            }),
+            changed: Condvar::new(),
+            closed: AtomicBool::new(false),
+            max: AtomicUsize::new(self.max),
+            workers: AtomicUsize::new(0),
+            queued: AtomicUsize::new(0),
+            prio_queued: AtomicUsize::new(0),
+            free: AtomicUsize::new(0),
+            running: AtomicUsize::new(0),
+            completed: AtomicU64::new(0),
+            panicked: AtomicU64::new(0),
+            stolen: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            blocked_submitters: AtomicUsize::new(0),
+        });
+        let pool = Pool { shared };
+        {
+            let mut control = lock(&pool.shared.control);
+            for _ in 0..min {
+                spawn(&pool.shared, &mut control, Kind::Normal).map_err(BuildError::Spawn)?;
+            }
+            for _ in 0..self.prio {
+                spawn(&pool.shared, &mut control, Kind::Priority).map_err(BuildError::Spawn)?;
+            }
+        }
+        Ok(pool)
+    }
+}
+
+/// A worker pool with libvirt's `virThreadPool` semantics on a work-stealing design.
+///
+/// - Jobs from outside go to a shared FIFO queue; jobs submitted by a running job go to that
+///   worker's own deque, where idle workers steal them.
+/// - Priority jobs have their own queue, read first by normal workers and exclusively by
+///   priority workers, so a queue of slow jobs never delays an urgent one when priority workers
+///   exist.
+/// - The pool grows one worker at a time, up to `max_workers`, while there are no more idle
+///   workers than queued jobs; [`set_limits`](Pool::set_limits) changes the limits at run time.
+/// - A job's panic is caught and counted; its worker keeps serving.
+/// - Dropping the pool [drains](Pool::drain) it.
+///
+/// ```
+/// use std::sync::mpsc;
+/// use vireo_pool::Pool;
+///
+/// let pool = Pool::builder().min_workers(2).max_workers(2).build()?;
+/// let (tx, rx) = mpsc::channel();
+/// for i in 0..10 {
+///     let tx = tx.clone();
+///     pool.submit(move || tx.send(i * i).unwrap()).unwrap();
+/// }
+/// let mut squares: Vec<i32> = rx.iter().take(10).collect();
+/// squares.sort();
+/// assert_eq!(squares[9], 81);
+/// pool.drain();
+/// # Ok::<(), vireo_pool::BuildError>(())
+/// ```
+pub struct Pool {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for Pool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pool")
+            .field("name", &self.shared.name)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+/// Starts one worker of `kind`; the caller holds the control lock.
+fn spawn(shared: &Arc<Shared>, control: &mut Control, kind: Kind) -> std::io::Result<()> {
+    control.handles.retain(|h| !h.is_finished());
+    let index = control.next_index;
+    control.next_index += 1;
+    let (deque, slot) = match kind {
+        Kind::Normal => {
+            let deque = Worker::new_fifo();
+            let mut stealers = shared
+                .stealers
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            let slot = match stealers.iter().position(Option::is_none) {
+                Some(free) => free,
+                None => {
+                    stealers.push(None);
+                    stealers.len() - 1
+                }
+            };
+            stealers[slot] = Some(deque.stealer());
+            (Some(deque), slot)
+        }
+        Kind::Priority => (None, usize::MAX),
+    };
+    let name = match kind {
+        Kind::Normal => format!("{}-{index}", shared.name),
+        Kind::Priority => format!("prio-{}-{index}", shared.name),
+    };
+    let worker_shared = Arc::clone(shared);
+    let handle = thread::Builder::new()
+        .name(name)
+        .spawn(move || run_worker(worker_shared, kind, deque, slot));
+    match handle {
+        Ok(handle) => {
+            match kind {
+                Kind::Normal => {
+                    control.workers += 1;
+                    shared.workers.store(control.workers, SeqCst);
+                }
+                Kind::Priority => control.prio_workers += 1,
+            }
+            control.handles.push(handle);
+            Ok(())
+        }
+        Err(e) => {
+            if kind == Kind::Normal {
+                shared
+                    .stealers
+                    .write()
+                    .unwrap_or_else(PoisonError::into_inner)[slot] = None;
+            }
+            Err(e)
+        }
+    }
+}
+
+impl Shared {
+    fn is_local(&self) -> bool {
+        LOCAL.with(|l| l.borrow().as_ref().is_some_and(|l| l.pool == self.id))
+    }
+
+    /// The next job for a worker of `kind`, in crossbeam-deque's `find_task` order.
+    fn find_task(&self, kind: Kind, local: Option<&Worker<Job>>) -> Option<Job> {
+        loop {
+            match self.prio_injector.steal() {
+                Steal::Success(job) => {
+                    self.prio_queued.fetch_sub(1, SeqCst);
+                    return Some(job);
+                }
+                Steal::Retry => continue,
+                Steal::Empty => break,
+            }
+        }
+        if kind == Kind::Priority {
+            return None;
+        }
+        let local = local?;
+        if let Some(job) = local.pop() {
+            self.queued.fetch_sub(1, SeqCst);
+            return Some(job);
+        }
+        loop {
+            match self.injector.steal_batch_and_pop(local) {
+                Steal::Success(job) => {
+                    self.queued.fetch_sub(1, SeqCst);
+                    if !local.is_empty() {
+                        // The batch moved jobs into this worker's deque, where a worker that
+                        // searched a moment ago did not see them: publish, so that a sleeping
+                        // worker steals them instead of leaving them behind this job.
+                        self.sleep.publish();
+                    }
+                    return Some(job);
+                }
+                Steal::Retry => continue,
+                Steal::Empty => break,
+            }
+        }
+        let stealers = self.stealers.read().unwrap_or_else(PoisonError::into_inner);
+        let n = stealers.len();
+        if n == 0 {
+            return None;
+        }
+        loop {
+            let mut retry = false;
+            let start = random_index(n);
+            for i in 0..n {
+                let Some(victim) = &stealers[(start + i) % n] else {
+                    continue;
+                };
+                match victim.steal_batch_and_pop(local) {
+                    Steal::Success(job) => {
+                        self.queued.fetch_sub(1, SeqCst);
+                        self.stolen.fetch_add(1, SeqCst);
+                        if !local.is_empty() {
+                            self.sleep.publish();
+                        }
+                        return Some(job);
+                    }
+                    Steal::Retry => retry = true,
+                    Steal::Empty => {}
+                }
+            }
+            if !retry {
+                return None;
+            }
+        }
+    }
+
+    fn run_job(&self, job: Job) {
+        self.running.fetch_add(1, SeqCst);
+        if let Err(payload) = catch_unwind(AssertUnwindSafe(job)) {
+            self.panicked.fetch_add(1, SeqCst);
+            if let Some(hook) = &self.panic_hook {
+                let _ = catch_unwind(AssertUnwindSafe(|| hook(&*payload)));
+            }
+            // The payload is dropped here, on the worker, like the job's other state.
+        } else {
+            self.completed.fetch_add(1, SeqCst);
+        }
+        self.running.fetch_sub(1, SeqCst);
+        if self.blocked_submitters.load(SeqCst) > 0 {
+            let _control = lock(&self.control);
+            self.changed.notify_all();
+        }
+    }
+
+    fn nothing_queued(&self) -> bool {
+        self.queued.load(SeqCst) == 0 && self.prio_queued.load(SeqCst) == 0
+    }
+
+    /// Whether a worker of `kind` must exit, given the control state.
+    fn must_exit(&self, control: &Control, kind: Kind, idle_timed_out: bool) -> bool {
+        let (alive, limit) = match kind {
+            Kind::Normal => (control.workers, control.max),
+            Kind::Priority => (control.prio_workers, control.prio_max),
+        };
+        match control.mode {
+            Mode::Stopping => true,
+            Mode::Draining => self.nothing_queued(),
+            Mode::Running => {
+                alive > limit || (idle_timed_out && kind == Kind::Normal && alive > control.min)
+            }
+        }
+    }
+
+    /// Whether a worker of `kind` must exit now; if so its count is already decremented.
+    fn retire(&self, kind: Kind, idle_timed_out: bool) -> bool {
+        let mut control = lock(&self.control);
+        let exit = self.must_exit(&control, kind, idle_timed_out);
+        if exit {
+            match kind {
+                Kind::Normal => {
+                    control.workers -= 1;
+                    self.workers.store(control.workers, SeqCst);
+                }
+                Kind::Priority => control.prio_workers -= 1,
+            }
+            self.changed.notify_all();
+        }
+        exit
+    }
+
+    /// A cheap check before taking the control lock in [`retire`](Shared::retire).
+    fn may_retire(&self, kind: Kind) -> bool {
+        if self.closed.load(SeqCst) {
+            return true;
+        }
+        match kind {
+            Kind::Normal => self.workers.load(SeqCst) > self.max.load(SeqCst),
+            Kind::Priority => {
+                let control = lock(&self.control);
+                control.prio_workers > control.prio_max
+            }
+        }
+    }
+
+    fn sleep_of(&self, kind: Kind) -> &Sleep {
+        match kind {
+            Kind::Normal => &self.sleep,
+            Kind::Priority => &self.prio_sleep,
+        }
+    }
+
+    fn wake_everyone(&self) {
+        self.sleep.wake_all();
+        self.prio_sleep.wake_all();
+    }
+}
+
+fn run_worker(shared: Arc<Shared>, kind: Kind, deque: Option<Worker<Job>>, slot: usize) {
+    if let Some(deque) = deque {
+        LOCAL.with(|l| {
+            *l.borrow_mut() = Some(Local {
+                pool: shared.id,
+                deque,
+            })
+        });
+    }
+    let find = |shared: &Shared| {
+        LOCAL.with(|l| {
+            let l = l.borrow();
+            let local = l.as_ref().filter(|l| l.pool == shared.id).map(|l| &l.deque);
+            shared.find_task(kind, local)
+        })
+    };
+    let sleep = shared.sleep_of(kind);
+    let mut timed_out = false;
+    loop {
+        if (timed_out || shared.may_retire(kind)) && shared.retire(kind, timed_out) {
+            break;
+        }
+        timed_out = false;
+        if let Some(job) = find(&shared) {
+            shared.run_job(job);
+            if shared.closed.load(SeqCst) && shared.nothing_queued() {
+                // Draining and this was the last job: let the sleepers see it and exit.
+                shared.wake_everyone();
+            }
+            continue;
+        }
+        if kind == Kind::Normal {
+            shared.free.fetch_add(1, SeqCst);
+        }
+        let ticket = sleep.announce();
+        let found = find(&shared);
+        if found.is_none() {
+            let stop =
+                || shared.may_retire(kind) && shared.must_exit(&lock(&shared.control), kind, false);
+            let woke = sleep.sleep(ticket, shared.idle_timeout, stop);
+            timed_out = woke == Woke::TimedOut;
+        }
+        if kind == Kind::Normal {
+            shared.free.fetch_sub(1, SeqCst);
+        }
+        if let Some(job) = found {
+            shared.run_job(job);
+        }
+    }
+    // Exiting: hand back what is left in the local deque (or drop it when stopping).
+    let leftover = LOCAL.with(|l| l.borrow_mut().take());
+    if kind == Kind::Normal {
+        shared
+            .stealers
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)[slot] = None;
+    }
+    if let Some(local) = leftover {
+        let stopping = lock(&shared.control).mode == Mode::Stopping;
+        let mut moved = false;
+        while let Some(job) = local.deque.pop() {
+            if stopping {
+                shared.queued.fetch_sub(1, SeqCst);
+                shared.dropped.fetch_add(1, SeqCst);
+                drop(job);
+            } else {
+                shared.injector.push(job);
+                moved = true;
+            }
+        }
+        if moved {
+            shared.sleep.publish();
+        }
+    }
+    let _control = lock(&shared.control);
+    shared.changed.notify_all();
+}
+
+impl Pool {
+    /// A builder with the defaults (as many workers as CPUs, no priority workers).
+    pub fn builder() -> PoolBuilder {
+        PoolBuilder::default()
+    }
+
+    /// Grows by one normal worker if there are no more idle workers than queued jobs (checked
+    /// before the new job is queued, as libvirt does) and the maximum is not reached.
+    fn maybe_grow(&self) {
+        let s = &self.shared;
+        if s.workers.load(SeqCst) >= s.max.load(SeqCst) {
+            return;
+        }
+        if s.free.load(SeqCst) > s.queued.load(SeqCst) {
+            return;
+        }
+        let mut control = lock(&s.control);
+        if control.mode == Mode::Running && control.workers < control.max {
+            // A failed spawn leaves the job to the existing workers.
+            let _ = spawn(s, &mut control, Kind::Normal);
+        }
+    }
+
+    fn push_normal(&self, job: Job) {
+        let s = &self.shared;
+        self.maybe_grow();
+        s.queued.fetch_add(1, SeqCst);
+        let pushed_locally = LOCAL.with(|l| {
+            let l = l.borrow();
+            match l.as_ref().filter(|l| l.pool == s.id) {
+                Some(local) => {
+                    local.deque.push(job);
+                    None
+                }
+                None => Some(job),
+            }
+        });
+        if let Some(job) = pushed_locally {
+            s.injector.push(job);
+        }
+        s.sleep.publish();
+    }
+
+    /// Queues a job. From inside a job of this pool the job goes to the running worker's own
+    /// deque (other workers steal it); from outside it goes to the end of the shared queue.
+    ///
+    /// With a [queue capacity](PoolBuilder::queue_capacity), a submit from outside the pool
+    /// blocks while the queue is full; use [`try_submit`](Pool::try_submit) on an event-loop
+    /// thread.
+    ///
+    /// # Errors
+    ///
+    /// [`SubmitError::Closed`] with the job after [`drain`](Pool::drain) or
+    /// [`shutdown_now`](Pool::shutdown_now) began (jobs submitted by running jobs are still
+    /// accepted while draining, so that the work they belong to completes).
+    pub fn submit<F>(&self, job: F) -> Result<(), SubmitError<Job>>
+    where
+        F: FnOnce() + Send + 'static,
+    {
+        let job: Job = Box::new(job);
+        let s = &self.shared;
+        let local = s.is_local();
+        if !local {
+            if let Some(cap) = s.capacity {
+                // Announce before checking, and workers check after dequeuing (both SeqCst):
+                // a worker that frees room either sees this submitter or is seen by it.
+                let mut control = lock(&s.control);
+                s.blocked_submitters.fetch_add(1, SeqCst);
+                while s.queued.load(SeqCst) >= cap && control.mode == Mode::Running {
+                    control = s
+                        .changed
+                        .wait(control)
+                        .unwrap_or_else(PoisonError::into_inner);
+                }
+                s.blocked_submitters.fetch_sub(1, SeqCst);
+            }
+        }
+        if self.refuses(local) {
+            return Err(SubmitError::Closed(job));
+        }
+        self.push_normal(job);
+        Ok(())
+    }
+
+    /// Queues a job without ever blocking: for the event-loop thread.
+    ///
+    /// # Errors
+    ///
+    /// [`SubmitError::Full`] with the job when a bounded queue is full (only for submits from
+    /// outside the pool), [`SubmitError::Closed`] after shutdown began.
+    pub fn try_submit<F>(&self, job: F) -> Result<(), SubmitError<Job>>
+    where
+        F: FnOnce() + Send + 'static,
+    {
+        let job: Job = Box::new(job);
+        let s = &self.shared;
+        let local = s.is_local();
+        if self.refuses(local) {
+            return Err(SubmitError::Closed(job));
+        }
+        if let (Some(cap), false) = (s.capacity, local) {
+            if s.queued.load(SeqCst) >= cap {
+                return Err(SubmitError::Full(job));
+            }
+        }
+        self.push_normal(job);
+        Ok(())
+    }
+
+    /// Queues a priority job: run by a priority worker, or by the first normal worker to look
+    /// for work, before any queued normal job. Never refused for space.
+    ///
+    /// # Errors
+    ///
+    /// [`SubmitError::Closed`] with the job after shutdown began.
+    pub fn submit_priority<F>(&self, job: F) -> Result<(), SubmitError<Job>>
+    where
+        F: FnOnce() + Send + 'static,
+    {
+        let job: Job = Box::new(job);
+        let s = &self.shared;
+        if self.refuses(s.is_local()) {
+            return Err(SubmitError::Closed(job));
+        }
+        s.prio_queued.fetch_add(1, SeqCst);
+        s.prio_injector.push(job);
+        if !s.prio_sleep.publish() {
+            s.sleep.publish();
+        }
+        Ok(())
+    }
+
+    fn refuses(&self, local: bool) -> bool {
+        if !self.shared.closed.load(SeqCst) {
+            return false;
+        }
+        // While draining, jobs submitted by running jobs belong to the work being finished.
+        !(local && lock(&self.shared.control).mode == Mode::Draining)
+    }
+
+    /// Changes the limits at run time, as libvirt's `virThreadPoolSetParameters`: `None` leaves
+    /// a limit unchanged.
+    ///
+    /// Raising `min` or `prio` starts workers at once; lowering `max` or `prio` makes surplus
+    /// workers exit (idle ones at once, busy ones after their current job).
+    ///
+    /// # Errors
+    ///
+    /// [`LimitsError::MinAboveMax`] when the resulting min exceeds the resulting max,
+    /// [`LimitsError::NoWorkers`] for a max of 0, [`LimitsError::Closed`] after shutdown began,
+    /// [`LimitsError::Spawn`] when a worker cannot be started (limits already stored stay).
+    pub fn set_limits(
+        &self,
+        min: Option<usize>,
+        max: Option<usize>,
+        prio: Option<usize>,
+    ) -> Result<(), LimitsError> {
+        let s = &self.shared;
+        let mut control = lock(&s.control);
+        if control.mode != Mode::Running {
+            return Err(LimitsError::Closed);
+        }
+        let new_min = min.unwrap_or(control.min);
+        let new_max = max.unwrap_or(control.max);
+        if new_max == 0 {
+            return Err(LimitsError::NoWorkers);
+        }
+        if new_min > new_max {
+            return Err(LimitsError::MinAboveMax {
+                min: new_min,
+                max: new_max,
+            });
+        }
+        control.min = new_min;
+        control.max = new_max;
+        s.max.store(new_max, SeqCst);
+        if let Some(prio) = prio {
+            control.prio_max = prio;
+        }
+        while control.workers < control.min {
+            spawn(s, &mut control, Kind::Normal).map_err(LimitsError::Spawn)?;
+        }
+        while control.prio_workers < control.prio_max {
+            spawn(s, &mut control, Kind::Priority).map_err(LimitsError::Spawn)?;
+        }
+        drop(control);
+        // Surplus workers notice on waking.
+        s.wake_everyone();
+        Ok(())
+    }
+
+    /// Whether [`drain`](Pool::drain) or [`shutdown_now`](Pool::shutdown_now) has begun (submits
+    /// from outside are refused).
+    pub fn is_closed(&self) -> bool {
+        self.shared.closed.load(SeqCst)
+    }
+
+    /// What the pool is doing now.
+    pub fn stats(&self) -> Stats {
+        let s = &self.shared;
+        let control = lock(&s.control);
+        Stats {
+            min_workers: control.min,
+            max_workers: control.max,
+            workers: control.workers,
+            free_workers: s.free.load(SeqCst),
+            prio_workers: control.prio_workers,
+            max_prio_workers: control.prio_max,
+            queue_depth: s.queued.load(SeqCst),
+            prio_queue_depth: s.prio_queued.load(SeqCst),
+            running: s.running.load(SeqCst),
+            completed: s.completed.load(SeqCst),
+            panicked: s.panicked.load(SeqCst),
+            stolen: s.stolen.load(SeqCst),
+            dropped: s.dropped.load(SeqCst),
+        }
+    }
+
+    /// Runs every queued job (and the jobs they submit), then joins every worker. Submits from
+    /// outside are refused from the moment this is called. Idempotent. Called from one of the
+    /// pool's own jobs it starts the drain without waiting for it.
+    pub fn drain(&self) {
+        self.stop(Mode::Draining);
+    }
+
+    /// Drops every queued job without running it (each job's captured state is dropped, so
+    /// nothing leaks), lets running jobs finish, and joins every worker. Submits are refused
+    /// from the moment this is called. Idempotent. Called from one of the pool's own jobs it
+    /// stops the pool without waiting.
+    pub fn shutdown_now(&self) {
+        self.stop(Mode::Stopping);
+    }
+
+    fn stop(&self, mode: Mode) {
+        let s = &self.shared;
+        if s.is_local() {
+            // Called by one of the pool's own jobs: it cannot wait for itself. Stop, and let
+            // the workers finish on their own.
+            let mut control = lock(&s.control);
+            if control.mode == Mode::Running || mode == Mode::Stopping {
+                control.mode = mode;
+            }
+            s.closed.store(true, SeqCst);
+            drop(control);
+            s.wake_everyone();
+            return;
+        }
+        {
+            let mut control = lock(&s.control);
+            if control.mode == Mode::Running || mode == Mode::Stopping {
+                control.mode = mode;
+            }
+            s.closed.store(true, SeqCst);
+            // Draining with no normal worker (all retired, or none started yet): start one.
+            if control.mode == Mode::Draining && control.workers == 0 && s.queued.load(SeqCst) > 0 {
+                let _ = spawn(s, &mut control, Kind::Normal);
+            }
+            s.changed.notify_all();
+        }
+        s.wake_everyone();
+        if mode == Mode::Stopping {
+            self.drop_queued();
+        }
+        let handles = {
+            let mut control = lock(&s.control);
+            while control.workers > 0 || control.prio_workers > 0 {
+                control = s
+                    .changed
+                    .wait(control)
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
+            std::mem::take(&mut control.handles)
+        };
+        for handle in handles {
+            if handle.thread().id() != thread::current().id() {
+                let _ = handle.join();
+            }
+        }
+        // Priority jobs are run by normal workers too; anything a racing submit left behind
+        // after the last worker exited is dropped, never leaked.
+        self.drop_queued();
+    }
+
+    fn drop_queued(&self) {
+        let s = &self.shared;
+        for (queue, count) in [(&s.injector, &s.queued), (&s.prio_injector, &s.prio_queued)] {
+            loop {
+                match queue.steal() {
+                    Steal::Success(job) => {
+                        count.fetch_sub(1, SeqCst);
+                        s.dropped.fetch_add(1, SeqCst);
+                        drop(job);
+                    }
+                    Steal::Retry => continue,
+                    Steal::Empty => break,
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Pool {
+    /// Drains: every queued job runs, then the workers are joined (when dropped by one of its
+    /// own jobs, the pool drains without waiting).
+    fn drop(&mut self) {
+        self.drain();
+    }
+}

@@ -1,0 +1,296 @@
+//! How idle workers go to sleep and how submitters wake them, without lost wake-ups and without
+//! a system call when every worker is busy.
+//!
+//! # The protocol
+//!
+//! Two counters and one mutex + condition variable per class of worker (normal, priority):
+//!
+//! - `jobs`: a *jobs event counter*, bumped (SeqCst) by every submitter **after** its job is
+//!   visible in a queue;
+//! - `sleeping`: how many workers are blocked, or about to block, on the condition variable.
+//!
+//! An idle worker:
+//!
+//! 1. searches every queue it may take from; finding nothing,
+//! 2. **announces it is sleepy** by reading `jobs` (its *ticket*),
+//! 3. **searches once more** (a job pushed before the ticket was read is found here),
+//! 4. takes the mutex, increments `sleeping`, and re-reads `jobs`: if it moved since the ticket, a
+//!    job was published meanwhile, so it does not block; otherwise it waits on the condition
+//!    variable (which releases the mutex atomically).
+//!
+//! A submitter pushes its job, bumps `jobs`, then reads `sleeping`: only if it is non-zero does
+//! it take the mutex and notify one sleeper. When all workers are busy that read is the whole
+//! cost: no lock, no system call.
+//!
+//! Why nothing is lost: the worker's `sleeping` increment and its re-read of `jobs`, and the
+//! submitter's `jobs` bump and its read of `sleeping`, are SeqCst in opposite orders (a Dekker
+//! pair), so at least one side sees the other. Either the worker sees the new `jobs` value and
+//! searches again, or the submitter sees `sleeping > 0` and takes the mutex, which the worker
+//! holds until it is inside the wait, so the notification cannot fall between the worker's check
+//! and its wait. Control changes (shrink, shutdown) set their flag first and then notify all
+//! waiters under the mutex, with the same argument. Spurious wake-ups only cause a new search.
+//!
+//! The loom models at the end of this file (`RUSTFLAGS="--cfg loom" cargo test -p vireo-pool
+//! --release --lib sleep`) explore every interleaving of
+//! a submitter and workers through this module and fail on a lost wake-up (a deadlock).
+
+#[cfg(loom)]
+use loom::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
+#[cfg(loom)]
+use loom::sync::{Condvar, Mutex};
+#[cfg(not(loom))]
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
+#[cfg(not(loom))]
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
+
+/// What a worker read before its last search: the jobs event counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Ticket(u64);
+
+/// Why [`Sleep::sleep`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Woke {
+    /// A job was published after the ticket, or `stop` held: the worker did not block.
+    NotBlocked,
+    /// Notified (or spuriously woken).
+    Notified,
+    /// The timeout passed without a notification.
+    TimedOut,
+}
+
+/// The sleep state of one class of workers.
+#[derive(Debug, Default)]
+pub(crate) struct Sleep {
+    jobs: AtomicU64,
+    sleeping: AtomicUsize,
+    lock: Mutex<()>,
+    cond: Condvar,
+}
+
+impl Sleep {
+    /// A sleep state with no sleeper.
+    pub(crate) fn new() -> Sleep {
+        Sleep::default()
+    }
+
+    /// Step 2 of the protocol: read the ticket, then search once more before calling
+    /// [`sleep`](Sleep::sleep).
+    pub(crate) fn announce(&self) -> Ticket {
+        Ticket(self.jobs.load(SeqCst))
+    }
+
+    /// Step 4: blocks unless a job was published since `ticket` or `stop()` holds. `stop` is
+    /// evaluated under the mutex, so a flag set before [`wake_all`](Sleep::wake_all) is seen.
+    pub(crate) fn sleep(
+        &self,
+        ticket: Ticket,
+        timeout: Option<Duration>,
+        stop: impl Fn() -> bool,
+    ) -> Woke {
+        let guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.sleeping.fetch_add(1, SeqCst);
+        // A read-modify-write, not a load: it reads the latest value in `jobs`' modification
+        // order, and the submitter's bump is one too, so whichever comes second synchronizes
+        // with the first. The argument then holds even under acquire/release alone (which is
+        // how loom models SeqCst accesses), not only under a single SeqCst order.
+        if self.jobs.fetch_add(0, SeqCst) != ticket.0 || stop() {
+            self.sleeping.fetch_sub(1, SeqCst);
+            return Woke::NotBlocked;
+        }
+        let woke = match timeout {
+            None => {
+                let _guard = self.cond.wait(guard).unwrap_or_else(|e| e.into_inner());
+                Woke::Notified
+            }
+            Some(t) => {
+                let (_guard, result) = self
+                    .cond
+                    .wait_timeout(guard, t)
+                    .unwrap_or_else(|e| e.into_inner());
+                if result.timed_out() {
+                    Woke::TimedOut
+                } else {
+                    Woke::Notified
+                }
+            }
+        };
+        self.sleeping.fetch_sub(1, SeqCst);
+        woke
+    }
+
+    /// A submitter's side, after its job is visible: bump the counter, wake one sleeper if
+    /// there is one. Returns whether a sleeper was notified.
+    pub(crate) fn publish(&self) -> bool {
+        self.jobs.fetch_add(1, SeqCst);
+        if self.sleeping.load(SeqCst) == 0 {
+            return false;
+        }
+        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.cond.notify_one();
+        true
+    }
+
+    /// Wakes every sleeper (after a control flag was set).
+    pub(crate) fn wake_all(&self) {
+        self.jobs.fetch_add(1, SeqCst);
+        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.cond.notify_all();
+    }
+
+    /// How many workers are asleep or about to be.
+    #[cfg(all(test, not(loom)))]
+    pub(crate) fn sleeping(&self) -> usize {
+        self.sleeping.load(SeqCst)
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use std::sync::Arc;
+    use std::thread;
+
+    use super::*;
+
+    #[test]
+    fn publish_without_sleepers_takes_no_lock() {
+        let sleep = Sleep::new();
+        // Holding the lock: a publish that tried to take it would deadlock this test.
+        let _held = sleep.lock.lock().unwrap();
+        assert!(!sleep.publish());
+        assert_eq!(sleep.sleeping(), 0);
+    }
+
+    #[test]
+    fn a_publish_after_the_ticket_keeps_the_worker_awake() {
+        let sleep = Sleep::new();
+        let ticket = sleep.announce();
+        sleep.publish();
+        assert_eq!(sleep.sleep(ticket, None, || false), Woke::NotBlocked);
+    }
+
+    #[test]
+    fn sleeper_is_woken_by_publish() {
+        let sleep = Arc::new(Sleep::new());
+        let ticket = sleep.announce();
+        let worker = {
+            let sleep = Arc::clone(&sleep);
+            thread::spawn(move || sleep.sleep(ticket, None, || false))
+        };
+        while sleep.sleeping() == 0 {
+            thread::yield_now();
+        }
+        assert!(sleep.publish());
+        assert_ne!(worker.join().unwrap(), Woke::TimedOut);
+    }
+
+    #[test]
+    fn idle_timeout_returns_timed_out() {
+        let sleep = Sleep::new();
+        let ticket = sleep.announce();
+        let woke = sleep.sleep(ticket, Some(Duration::from_millis(10)), || false);
+        assert_eq!(woke, Woke::TimedOut);
+    }
+}
+
+/// Loom models: every interleaving of submitters and workers through the protocol. A lost
+/// wake-up leaves a worker blocked forever, which loom reports as a deadlock.
+#[cfg(all(test, loom))]
+mod loom_models {
+    use loom::sync::Arc;
+    use loom::sync::atomic::AtomicBool;
+
+    use super::*;
+
+    /// A toy queue: the number of jobs published and not yet taken.
+    fn take(queue: &AtomicUsize) -> bool {
+        let mut n = queue.load(SeqCst);
+        while n > 0 {
+            match queue.compare_exchange(n, n - 1, SeqCst, SeqCst) {
+                Ok(_) => return true,
+                Err(now) => n = now,
+            }
+        }
+        false
+    }
+
+    /// The worker side of the protocol: search, announce, search again, sleep; until it has
+    /// taken `jobs` jobs or `stop` is set.
+    fn worker(sleep: &Sleep, queue: &AtomicUsize, stop: &AtomicBool, jobs: usize) {
+        let mut taken = 0;
+        while taken < jobs && !stop.load(SeqCst) {
+            if take(queue) {
+                taken += 1;
+                continue;
+            }
+            let ticket = sleep.announce();
+            if take(queue) {
+                taken += 1;
+                continue;
+            }
+            sleep.sleep(ticket, None, || stop.load(SeqCst));
+        }
+    }
+
+    #[test]
+    fn one_submit_wakes_one_sleeping_worker() {
+        loom::model(|| {
+            let sleep = Arc::new(Sleep::new());
+            let queue = Arc::new(AtomicUsize::new(0));
+            let stop = Arc::new(AtomicBool::new(false));
+            let w = {
+                let (sleep, queue, stop) = (sleep.clone(), queue.clone(), stop.clone());
+                loom::thread::spawn(move || worker(&sleep, &queue, &stop, 1))
+            };
+            queue.fetch_add(1, SeqCst);
+            sleep.publish();
+            w.join().unwrap();
+            assert_eq!(queue.load(SeqCst), 0);
+        });
+    }
+
+    #[test]
+    fn two_submitters_two_workers_all_jobs_taken() {
+        loom::model(|| {
+            let sleep = Arc::new(Sleep::new());
+            let queue = Arc::new(AtomicUsize::new(0));
+            let stop = Arc::new(AtomicBool::new(false));
+            let workers: Vec<_> = (0..2)
+                .map(|_| {
+                    let (sleep, queue, stop) = (sleep.clone(), queue.clone(), stop.clone());
+                    loom::thread::spawn(move || worker(&sleep, &queue, &stop, 1))
+                })
+                .collect();
+            let submitter = {
+                let (sleep, queue) = (sleep.clone(), queue.clone());
+                loom::thread::spawn(move || {
+                    queue.fetch_add(1, SeqCst);
+                    sleep.publish();
+                })
+            };
+            queue.fetch_add(1, SeqCst);
+            sleep.publish();
+            submitter.join().unwrap();
+            for w in workers {
+                w.join().unwrap();
+            }
+            assert_eq!(queue.load(SeqCst), 0);
+        });
+    }
+
+    #[test]
+    fn stop_flag_then_wake_all_releases_sleepers() {
+        loom::model(|| {
+            let sleep = Arc::new(Sleep::new());
+            let queue = Arc::new(AtomicUsize::new(0));
+            let stop = Arc::new(AtomicBool::new(false));
+            let w = {
+                let (sleep, queue, stop) = (sleep.clone(), queue.clone(), stop.clone());
+                loom::thread::spawn(move || worker(&sleep, &queue, &stop, usize::MAX))
+            };
+            stop.store(true, SeqCst);
+            sleep.wake_all();
+            w.join().unwrap();
+        });
+    }
+}
