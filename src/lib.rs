@@ -2,8 +2,8 @@
 //!
 //! One dependency line gives the event loop on the best backend compiled in
 //! ([`EventLoop`]), the handle that every thread and callback uses to add, update and remove
-//! fd watches and timers ([`LoopHandle`]), and every backend for side-by-side use
-//! ([`backends`]). The rules every backend shares are in [`core`]'s documentation.
+//! fd watches and timers ([`LoopHandle`]), every backend for side-by-side use
+//! ([`backends`]), and the worker pool the loop hands work to ([`pool`]). The rules every backend shares are in [`core`]'s documentation.
 //!
 //! # Example: a socketpair echo
 //!
@@ -58,6 +58,7 @@
 
 pub use vireo_backends as backends;
 pub use vireo_core as core;
+pub use vireo_pool as pool;
 
 pub use vireo_backends::DefaultBackend;
 pub use vireo_core::{

