@@ -72,9 +72,8 @@ pub struct Stats {
     pub queue_depth: usize,
     /// Priority jobs waiting.
     pub prio_queue_depth: usize,
-    /// Jobs running now.
-    pub running: usize,
-    /// Jobs that returned.
+    /// Jobs that returned. Each worker adds its count when it goes idle, exits, or has run
+    /// 1024 jobs, so while workers are busy this lags behind by at most that per worker.
     pub completed: u64,
     /// Jobs that panicked (caught; their worker kept serving).
     pub panicked: u64,

@@ -10,6 +10,7 @@ use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use crossbeam_deque::{Injector, Steal, Stealer, Worker};
+use crossbeam_utils::{Backoff, CachePadded};
 
 use crate::sleep::{Sleep, Woke};
 use crate::{BuildError, LimitsError, Stats, SubmitError};
@@ -79,16 +80,47 @@ struct Shared {
     max: AtomicUsize,
     workers: AtomicUsize,
 
-    queued: AtomicUsize,
-    prio_queued: AtomicUsize,
-    free: AtomicUsize,
-    running: AtomicUsize,
-    completed: AtomicU64,
+    queued: Queued,
+    prio_queued: Queued,
+    free: CachePadded<AtomicUsize>,
+    /// Flushed from each worker's own count when it goes idle, exits, or every
+    /// [`FLUSH_EVERY`] jobs, so the hot path touches no shared counter for it.
+    completed: CachePadded<AtomicU64>,
     panicked: AtomicU64,
     stolen: AtomicU64,
     dropped: AtomicU64,
     blocked_submitters: AtomicUsize,
 }
+
+/// Jobs waiting in a queue, as two monotonic counters on their own cache lines: submitters
+/// only write `pushed`, workers only write `taken`, so the hot paths do not share a line.
+#[derive(Default)]
+struct Queued {
+    pushed: CachePadded<AtomicUsize>,
+    taken: CachePadded<AtomicUsize>,
+}
+
+impl Queued {
+    fn push(&self, n: usize) {
+        self.pushed.fetch_add(n, SeqCst);
+    }
+
+    fn take(&self, n: usize) {
+        self.taken.fetch_add(n, SeqCst);
+    }
+
+    /// Reads `taken` first: every take follows its push, so the difference is never negative.
+    fn len(&self) -> usize {
+        let taken = self.taken.load(SeqCst);
+        self.pushed
+            .load(SeqCst)
+            .wrapping_sub(taken)
+            .min(isize::MAX as usize)
+    }
+}
+
+/// How many jobs a worker runs before adding its count to [`Stats::completed`](crate::Stats).
+const FLUSH_EVERY: u64 = 1024;
 
 /// The worker context of the current thread, if it is a normal worker of some pool.
 struct Local {
@@ -270,11 +302,10 @@ impl PoolBuilder {
             closed: AtomicBool::new(false),
             max: AtomicUsize::new(self.max),
             workers: AtomicUsize::new(0),
-            queued: AtomicUsize::new(0),
-            prio_queued: AtomicUsize::new(0),
-            free: AtomicUsize::new(0),
-            running: AtomicUsize::new(0),
-            completed: AtomicU64::new(0),
+            queued: Queued::default(),
+            prio_queued: Queued::default(),
+            free: CachePadded::new(AtomicUsize::new(0)),
+            completed: CachePadded::new(AtomicU64::new(0)),
             panicked: AtomicU64::new(0),
             stolen: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
@@ -401,7 +432,7 @@ impl Shared {
         loop {
             match self.prio_injector.steal() {
                 Steal::Success(job) => {
-                    self.prio_queued.fetch_sub(1, SeqCst);
+                    self.prio_queued.take(1);
                     return Some(job);
                 }
                 Steal::Retry => continue,
@@ -413,13 +444,13 @@ impl Shared {
         }
         let local = local?;
         if let Some(job) = local.pop() {
-            self.queued.fetch_sub(1, SeqCst);
+            self.queued.take(1);
             return Some(job);
         }
         loop {
             match self.injector.steal_batch_and_pop(local) {
                 Steal::Success(job) => {
-                    self.queued.fetch_sub(1, SeqCst);
+                    self.queued.take(1);
                     if !local.is_empty() {
                         // The batch moved jobs into this worker's deque, where a worker that
                         // searched a moment ago did not see them: publish, so that a sleeping
@@ -446,7 +477,7 @@ impl Shared {
                 };
                 match victim.steal_batch_and_pop(local) {
                     Steal::Success(job) => {
-                        self.queued.fetch_sub(1, SeqCst);
+                        self.queued.take(1);
                         self.stolen.fetch_add(1, SeqCst);
                         if !local.is_empty() {
                             self.sleep.publish();
@@ -463,26 +494,28 @@ impl Shared {
         }
     }
 
-    fn run_job(&self, job: Job) {
-        self.running.fetch_add(1, SeqCst);
-        if let Err(payload) = catch_unwind(AssertUnwindSafe(job)) {
-            self.panicked.fetch_add(1, SeqCst);
-            if let Some(hook) = &self.panic_hook {
-                let _ = catch_unwind(AssertUnwindSafe(|| hook(&*payload)));
+    /// Runs a job; returns whether it completed (rather than panicked).
+    fn run_job(&self, job: Job) -> bool {
+        let completed = match catch_unwind(AssertUnwindSafe(job)) {
+            Ok(()) => true,
+            Err(payload) => {
+                self.panicked.fetch_add(1, SeqCst);
+                if let Some(hook) = &self.panic_hook {
+                    let _ = catch_unwind(AssertUnwindSafe(|| hook(&*payload)));
+                }
+                // The payload is dropped here, on the worker, like the job's other state.
+                false
             }
-            // The payload is dropped here, on the worker, like the job's other state.
-        } else {
-            self.completed.fetch_add(1, SeqCst);
-        }
-        self.running.fetch_sub(1, SeqCst);
-        if self.blocked_submitters.load(SeqCst) > 0 {
+        };
+        if self.capacity.is_some() && self.blocked_submitters.load(SeqCst) > 0 {
             let _control = lock(&self.control);
             self.changed.notify_all();
         }
+        completed
     }
 
     fn nothing_queued(&self) -> bool {
-        self.queued.load(SeqCst) == 0 && self.prio_queued.load(SeqCst) == 0
+        self.queued.len() == 0 && self.prio_queued.len() == 0
     }
 
     /// Whether a worker of `kind` must exit, given the control state.
@@ -562,21 +595,54 @@ fn run_worker(shared: Arc<Shared>, kind: Kind, deque: Option<Worker<Job>>, slot:
     };
     let sleep = shared.sleep_of(kind);
     let mut timed_out = false;
+    let mut completed = 0u64;
+    let flush = |completed: &mut u64| {
+        if *completed > 0 {
+            shared
+                .completed
+                .fetch_add(std::mem::take(completed), SeqCst);
+        }
+    };
     loop {
-        if (timed_out || shared.may_retire(kind)) && shared.retire(kind, timed_out) {
+        if (timed_out || shared.may_retire(kind)) && {
+            flush(&mut completed);
+            shared.retire(kind, timed_out)
+        } {
             break;
         }
         timed_out = false;
         if let Some(job) = find(&shared) {
-            shared.run_job(job);
+            completed += u64::from(shared.run_job(job));
+            if completed >= FLUSH_EVERY {
+                flush(&mut completed);
+            }
             if shared.closed.load(SeqCst) && shared.nothing_queued() {
                 // Draining and this was the last job: let the sleepers see it and exit.
                 shared.wake_everyone();
             }
             continue;
         }
+        flush(&mut completed);
         if kind == Kind::Normal {
             shared.free.fetch_add(1, SeqCst);
+        }
+        // Spin, then yield, for a few microseconds before sleeping (rayon's rounds): a job
+        // that arrives meanwhile costs its submitter no futex wake and this worker no sleep.
+        let backoff = Backoff::new();
+        let mut found = None;
+        while !backoff.is_completed() {
+            backoff.snooze();
+            found = find(&shared);
+            if found.is_some() || shared.closed.load(SeqCst) {
+                break;
+            }
+        }
+        if let Some(job) = found {
+            if kind == Kind::Normal {
+                shared.free.fetch_sub(1, SeqCst);
+            }
+            completed += u64::from(shared.run_job(job));
+            continue;
         }
         let ticket = sleep.announce();
         let found = find(&shared);
@@ -590,9 +656,10 @@ fn run_worker(shared: Arc<Shared>, kind: Kind, deque: Option<Worker<Job>>, slot:
             shared.free.fetch_sub(1, SeqCst);
         }
         if let Some(job) = found {
-            shared.run_job(job);
+            completed += u64::from(shared.run_job(job));
         }
     }
+    flush(&mut completed);
     // Exiting: hand back what is left in the local deque (or drop it when stopping).
     let leftover = LOCAL.with(|l| l.borrow_mut().take());
     if kind == Kind::Normal {
@@ -606,7 +673,7 @@ fn run_worker(shared: Arc<Shared>, kind: Kind, deque: Option<Worker<Job>>, slot:
         let mut moved = false;
         while let Some(job) = local.deque.pop() {
             if stopping {
-                shared.queued.fetch_sub(1, SeqCst);
+                shared.queued.take(1);
                 shared.dropped.fetch_add(1, SeqCst);
                 drop(job);
             } else {
@@ -635,7 +702,7 @@ impl Pool {
         if s.workers.load(SeqCst) >= s.max.load(SeqCst) {
             return;
         }
-        if s.free.load(SeqCst) > s.queued.load(SeqCst) {
+        if s.free.load(SeqCst) > s.queued.len() {
             return;
         }
         let mut control = lock(&s.control);
@@ -648,7 +715,7 @@ impl Pool {
     fn push_normal(&self, job: Job) {
         let s = &self.shared;
         self.maybe_grow();
-        s.queued.fetch_add(1, SeqCst);
+        s.queued.push(1);
         let pushed_locally = LOCAL.with(|l| {
             let l = l.borrow();
             match l.as_ref().filter(|l| l.pool == s.id) {
@@ -690,7 +757,7 @@ impl Pool {
                 // a worker that frees room either sees this submitter or is seen by it.
                 let mut control = lock(&s.control);
                 s.blocked_submitters.fetch_add(1, SeqCst);
-                while s.queued.load(SeqCst) >= cap && control.mode == Mode::Running {
+                while s.queued.len() >= cap && control.mode == Mode::Running {
                     control = s
                         .changed
                         .wait(control)
@@ -723,7 +790,7 @@ impl Pool {
             return Err(SubmitError::Closed(job));
         }
         if let (Some(cap), false) = (s.capacity, local) {
-            if s.queued.load(SeqCst) >= cap {
+            if s.queued.len() >= cap {
                 return Err(SubmitError::Full(job));
             }
         }
@@ -746,7 +813,7 @@ impl Pool {
         if self.refuses(s.is_local()) {
             return Err(SubmitError::Closed(job));
         }
-        s.prio_queued.fetch_add(1, SeqCst);
+        s.prio_queued.push(1);
         s.prio_injector.push(job);
         if !s.prio_sleep.publish() {
             s.sleep.publish();
@@ -830,9 +897,8 @@ impl Pool {
             free_workers: s.free.load(SeqCst),
             prio_workers: control.prio_workers,
             max_prio_workers: control.prio_max,
-            queue_depth: s.queued.load(SeqCst),
-            prio_queue_depth: s.prio_queued.load(SeqCst),
-            running: s.running.load(SeqCst),
+            queue_depth: s.queued.len(),
+            prio_queue_depth: s.prio_queued.len(),
             completed: s.completed.load(SeqCst),
             panicked: s.panicked.load(SeqCst),
             stolen: s.stolen.load(SeqCst),
@@ -876,7 +942,7 @@ impl Pool {
             }
             s.closed.store(true, SeqCst);
             // Draining with no normal worker (all retired, or none started yet): start one.
-            if control.mode == Mode::Draining && control.workers == 0 && s.queued.load(SeqCst) > 0 {
+            if control.mode == Mode::Draining && control.workers == 0 && s.queued.len() > 0 {
                 let _ = spawn(s, &mut control, Kind::Normal);
             }
             s.changed.notify_all();
@@ -911,7 +977,7 @@ impl Pool {
             loop {
                 match queue.steal() {
                     Steal::Success(job) => {
-                        count.fetch_sub(1, SeqCst);
+                        count.take(1);
                         s.dropped.fetch_add(1, SeqCst);
                         drop(job);
                     }

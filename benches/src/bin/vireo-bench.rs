@@ -1,0 +1,211 @@
+//! `vireo-bench`: side-by-side benchmarks of vireo against the tools people use today.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::bail;
+use clap::{Args, Parser, Subcommand};
+use vireo_benches::pool::{SYSTEMS, System, Workload, throughput, wake_latency};
+use vireo_benches::report::{median, micros, percentile};
+
+/// Side-by-side benchmarks of vireo: every subcommand compares systems in one run and prints a
+/// table with ratios (or JSON lines with --json).
+#[derive(Debug, Parser)]
+#[command(name = "vireo-bench", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// The worker pool: vireo-pool vs a Mutex+Condvar FIFO pool (libvirt's design), a
+    /// crossbeam-channel pool and rayon; throughput with 1 producer, and wake-up latency.
+    Pool(PoolArgs),
+}
+
+#[derive(Debug, Args)]
+struct PoolArgs {
+    /// Worker threads in every pool.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// Empty jobs per run.
+    #[arg(long, default_value_t = 1_000_000)]
+    jobs: usize,
+    /// Jobs of about 1 µs per run.
+    #[arg(long, default_value_t = 300_000)]
+    spin_jobs: usize,
+    /// Runs per system; medians are reported.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Jobs per wake-up latency measurement (idle and burst).
+    #[arg(long, default_value_t = 1000)]
+    latency_samples: usize,
+    /// A smoke run well under a minute (fewer jobs and runs).
+    #[arg(long)]
+    quick: bool,
+    /// Print one JSON object per result instead of the table.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Pool(args) => pool(args),
+    }
+}
+
+fn pool(mut args: PoolArgs) -> anyhow::Result<()> {
+    if args.quick {
+        args.jobs = args.jobs.min(200_000);
+        args.spin_jobs = args.spin_jobs.min(50_000);
+        args.runs = args.runs.min(3);
+        args.latency_samples = args.latency_samples.min(200);
+    }
+    if args.workers == 0 || args.runs == 0 || args.jobs == 0 || args.spin_jobs == 0 {
+        bail!("--workers, --runs, --jobs and --spin-jobs must be at least 1");
+    }
+    // system -> workload -> jobs/s per run
+    let mut rates: BTreeMap<&str, BTreeMap<&str, Vec<f64>>> = BTreeMap::new();
+    let mut idle: BTreeMap<&str, Vec<Duration>> = BTreeMap::new();
+    let mut burst: BTreeMap<&str, Vec<Duration>> = BTreeMap::new();
+    for run in 0..args.runs {
+        // Rotate the order each run so no system always goes first.
+        for i in 0..SYSTEMS.len() {
+            let name = SYSTEMS[(i + run) % SYSTEMS.len()];
+            let system = System::start(name, args.workers);
+            for (workload, jobs) in [
+                (Workload::Empty, args.jobs),
+                (Workload::Spin1us, args.spin_jobs),
+            ] {
+                let took = throughput(&system, workload, jobs);
+                rates
+                    .entry(name)
+                    .or_default()
+                    .entry(workload.name())
+                    .or_default()
+                    .push(jobs as f64 / took.as_secs_f64());
+            }
+            idle.entry(name).or_default().extend(wake_latency(
+                &system,
+                args.latency_samples,
+                false,
+            ));
+            burst.entry(name).or_default().extend(wake_latency(
+                &system,
+                args.latency_samples,
+                true,
+            ));
+            system.shutdown();
+        }
+    }
+
+    let mut med = |system: &str, workload: &str| -> f64 {
+        median(
+            rates
+                .get_mut(system)
+                .and_then(|w| w.get_mut(workload))
+                .map(Vec::as_mut_slice)
+                .unwrap_or(&mut []),
+        )
+    };
+    let mut rows = Vec::new();
+    for system in SYSTEMS {
+        let empty = med(system, "empty");
+        let spin = med(system, "1us");
+        let idle = idle
+            .get_mut(system)
+            .map(Vec::as_mut_slice)
+            .unwrap_or(&mut []);
+        let (idle50, idle99) = (percentile(idle, 50.0), percentile(idle, 99.0));
+        let burst = burst
+            .get_mut(system)
+            .map(Vec::as_mut_slice)
+            .unwrap_or(&mut []);
+        let (burst50, burst99) = (percentile(burst, 50.0), percentile(burst, 99.0));
+        rows.push((system, empty, spin, idle50, idle99, burst50, burst99));
+    }
+    let base = |name: &str, col: usize| {
+        rows.iter()
+            .find(|r| r.0 == name)
+            .map(|r| if col == 0 { r.1 } else { r.2 })
+            .unwrap_or(f64::NAN)
+    };
+    let (mutex_empty, chan_empty) = (base("mutex-condvar", 0), base("crossbeam-channel", 0));
+    let (mutex_spin, chan_spin) = (base("mutex-condvar", 1), base("crossbeam-channel", 1));
+
+    if args.json {
+        for (system, empty, spin, i50, i99, b50, b99) in &rows {
+            for (workload, rate, vs_mutex, vs_chan, jobs) in [
+                (
+                    "empty",
+                    empty,
+                    empty / mutex_empty,
+                    empty / chan_empty,
+                    args.jobs,
+                ),
+                (
+                    "1us",
+                    spin,
+                    spin / mutex_spin,
+                    spin / chan_spin,
+                    args.spin_jobs,
+                ),
+            ] {
+                let line = serde_json::json!({
+                    "bench": "pool", "system": system, "workload": workload,
+                    "workers": args.workers, "jobs": jobs, "runs": args.runs,
+                    "jobs_per_sec_median": rate, "ratio_vs_mutex_condvar": vs_mutex,
+                    "ratio_vs_crossbeam_channel": vs_chan,
+                });
+                println!("{line}");
+            }
+            let line = serde_json::json!({
+                "bench": "pool", "system": system, "workload": "wake_latency",
+                "workers": args.workers, "samples": args.latency_samples * args.runs,
+                "idle_p50_us": micros(*i50), "idle_p99_us": micros(*i99),
+                "burst_p50_us": micros(*b50), "burst_p99_us": micros(*b99),
+            });
+            println!("{line}");
+        }
+        return Ok(());
+    }
+
+    println!(
+        "vireo-bench pool: 1 producer, {} workers, {} runs (medians); {} empty jobs, {} jobs of ~1 us; \
+         latency over {} jobs per run",
+        args.workers, args.runs, args.jobs, args.spin_jobs, args.latency_samples
+    );
+    println!();
+    println!(
+        "{:<28}{:>12}{:>9}{:>9}{:>12}{:>9}{:>9}{:>10}{:>10}{:>10}{:>10}",
+        "system",
+        "empty Mj/s",
+        "x mutex",
+        "x chan",
+        "1us Mj/s",
+        "x mutex",
+        "x chan",
+        "idle p50",
+        "idle p99",
+        "burst p50",
+        "burst p99"
+    );
+    for (system, empty, spin, i50, i99, b50, b99) in &rows {
+        println!(
+            "{:<28}{:>12.2}{:>9.2}{:>9.2}{:>12.3}{:>9.2}{:>9.2}{:>8.1}us{:>8.1}us{:>8.0}us{:>8.0}us",
+            system,
+            empty / 1e6,
+            empty / mutex_empty,
+            empty / chan_empty,
+            spin / 1e6,
+            spin / mutex_spin,
+            spin / chan_spin,
+            micros(*i50),
+            micros(*i99),
+            micros(*b50),
+            micros(*b99),
+        );
+    }
+    Ok(())
+}
