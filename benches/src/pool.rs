@@ -19,16 +19,19 @@ use std::time::{Duration, Instant};
 /// A boxed job, as the baseline pools take them.
 type Job = Box<dyn FnOnce() + Send + 'static>;
 
+/// The queue and the quit flag, under one mutex, and the condition variable.
+type FifoShared = (Mutex<(VecDeque<Job>, bool)>, Condvar);
+
 /// libvirt's design: one FIFO under a mutex, one condition variable.
 pub struct MutexCondvarPool {
-    shared: Arc<(Mutex<(VecDeque<Job>, bool)>, Condvar)>,
+    shared: Arc<FifoShared>,
     workers: Vec<JoinHandle<()>>,
 }
 
 impl MutexCondvarPool {
     /// Starts `n` workers.
     pub fn new(n: usize) -> MutexCondvarPool {
-        let shared: Arc<(Mutex<(VecDeque<Job>, bool)>, Condvar)> =
+        let shared: Arc<FifoShared> =
             Arc::new((Mutex::new((VecDeque::new(), false)), Condvar::new()));
         let workers = (0..n)
             .map(|_| {
