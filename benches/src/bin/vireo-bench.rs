@@ -193,7 +193,7 @@ fn pool(mut args: PoolArgs) -> anyhow::Result<()> {
     );
     for (system, empty, spin, i50, i99, b50, b99) in &rows {
         println!(
-            "{:<28}{:>12.2}{:>9.2}{:>9.2}{:>12.3}{:>9.2}{:>9.2}{:>8.1}us{:>8.1}us{:>8.0}us{:>8.0}us",
+            "{:<28}{:>12.2}{:>9.2}{:>9.2}{:>12.3}{:>9.2}{:>9.2}{:>8.1}us{:>8.1}us{:>8.1}us{:>8.1}us",
             system,
             empty / 1e6,
             empty / mutex_empty,
