@@ -80,8 +80,6 @@ struct Shared {
     max: AtomicUsize,
     workers: AtomicUsize,
 
-    queued: Queued,
-    prio_queued: Queued,
     free: CachePadded<AtomicUsize>,
     /// Flushed from each worker's own count when it goes idle, exits, or every
     /// [`FLUSH_EVERY`] jobs, so the hot path touches no shared counter for it.
@@ -90,33 +88,6 @@ struct Shared {
     stolen: AtomicU64,
     dropped: AtomicU64,
     blocked_submitters: AtomicUsize,
-}
-
-/// Jobs waiting in a queue, as two monotonic counters on their own cache lines: submitters
-/// only write `pushed`, workers only write `taken`, so the hot paths do not share a line.
-#[derive(Default)]
-struct Queued {
-    pushed: CachePadded<AtomicUsize>,
-    taken: CachePadded<AtomicUsize>,
-}
-
-impl Queued {
-    fn push(&self, n: usize) {
-        self.pushed.fetch_add(n, SeqCst);
-    }
-
-    fn take(&self, n: usize) {
-        self.taken.fetch_add(n, SeqCst);
-    }
-
-    /// Reads `taken` first: every take follows its push, so the difference is never negative.
-    fn len(&self) -> usize {
-        let taken = self.taken.load(SeqCst);
-        self.pushed
-            .load(SeqCst)
-            .wrapping_sub(taken)
-            .min(isize::MAX as usize)
-    }
 }
 
 /// How many jobs a worker runs before adding its count to [`Stats::completed`](crate::Stats).
@@ -302,8 +273,6 @@ impl PoolBuilder {
             closed: AtomicBool::new(false),
             max: AtomicUsize::new(self.max),
             workers: AtomicUsize::new(0),
-            queued: Queued::default(),
-            prio_queued: Queued::default(),
             free: CachePadded::new(AtomicUsize::new(0)),
             completed: CachePadded::new(AtomicU64::new(0)),
             panicked: AtomicU64::new(0),
@@ -432,7 +401,6 @@ impl Shared {
         loop {
             match self.prio_injector.steal() {
                 Steal::Success(job) => {
-                    self.prio_queued.take(1);
                     return Some(job);
                 }
                 Steal::Retry => continue,
@@ -443,14 +411,14 @@ impl Shared {
             return None;
         }
         let local = local?;
+        // Waiting jobs are counted by the queues themselves (`queued_len`): taking one touches
+        // no shared counter.
         if let Some(job) = local.pop() {
-            self.queued.take(1);
             return Some(job);
         }
         loop {
             match self.injector.steal_batch_and_pop(local) {
                 Steal::Success(job) => {
-                    self.queued.take(1);
                     if !local.is_empty() {
                         // The batch moved jobs into this worker's deque, where a worker that
                         // searched a moment ago did not see them: publish, so that a sleeping
@@ -477,7 +445,6 @@ impl Shared {
                 };
                 match victim.steal_batch_and_pop(local) {
                     Steal::Success(job) => {
-                        self.queued.take(1);
                         self.stolen.fetch_add(1, SeqCst);
                         if !local.is_empty() {
                             self.sleep.publish();
@@ -507,15 +474,35 @@ impl Shared {
                 false
             }
         };
-        if self.capacity.is_some() && self.blocked_submitters.load(SeqCst) > 0 {
+        // The pop that made room is a queue operation, not a SeqCst counter: fence so that a
+        // submitter that announced itself is seen (or sees the room).
+        if self.capacity.is_some() && {
+            std::sync::atomic::fence(SeqCst);
+            self.blocked_submitters.load(SeqCst) > 0
+        } {
             let _control = lock(&self.control);
             self.changed.notify_all();
         }
         completed
     }
 
+    /// Normal jobs waiting: in the shared queue plus in the workers' deques, read from the
+    /// queues themselves (a snapshot; a job moving between two queues may be missed for a
+    /// moment, which at worst lets a draining worker exit while the one holding it finishes).
+    fn queued_len(&self) -> usize {
+        let in_deques: usize = self
+            .stealers
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .flatten()
+            .map(Stealer::len)
+            .sum();
+        self.injector.len() + in_deques
+    }
+
     fn nothing_queued(&self) -> bool {
-        self.queued.len() == 0 && self.prio_queued.len() == 0
+        self.prio_injector.is_empty() && self.queued_len() == 0
     }
 
     /// Whether a worker of `kind` must exit, given the control state.
@@ -673,7 +660,6 @@ fn run_worker(shared: Arc<Shared>, kind: Kind, deque: Option<Worker<Job>>, slot:
         let mut moved = false;
         while let Some(job) = local.deque.pop() {
             if stopping {
-                shared.queued.take(1);
                 shared.dropped.fetch_add(1, SeqCst);
                 drop(job);
             } else {
@@ -702,7 +688,7 @@ impl Pool {
         if s.workers.load(SeqCst) >= s.max.load(SeqCst) {
             return;
         }
-        if s.free.load(SeqCst) > s.queued.len() {
+        if s.free.load(SeqCst) > s.queued_len() {
             return;
         }
         let mut control = lock(&s.control);
@@ -715,7 +701,6 @@ impl Pool {
     fn push_normal(&self, job: Job) {
         let s = &self.shared;
         self.maybe_grow();
-        s.queued.push(1);
         let pushed_locally = LOCAL.with(|l| {
             let l = l.borrow();
             match l.as_ref().filter(|l| l.pool == s.id) {
@@ -757,7 +742,7 @@ impl Pool {
                 // a worker that frees room either sees this submitter or is seen by it.
                 let mut control = lock(&s.control);
                 s.blocked_submitters.fetch_add(1, SeqCst);
-                while s.queued.len() >= cap && control.mode == Mode::Running {
+                while s.queued_len() >= cap && control.mode == Mode::Running {
                     control = s
                         .changed
                         .wait(control)
@@ -790,7 +775,7 @@ impl Pool {
             return Err(SubmitError::Closed(job));
         }
         if let (Some(cap), false) = (s.capacity, local) {
-            if s.queued.len() >= cap {
+            if s.queued_len() >= cap {
                 return Err(SubmitError::Full(job));
             }
         }
@@ -813,7 +798,6 @@ impl Pool {
         if self.refuses(s.is_local()) {
             return Err(SubmitError::Closed(job));
         }
-        s.prio_queued.push(1);
         s.prio_injector.push(job);
         if !s.prio_sleep.publish() {
             s.sleep.publish();
@@ -897,8 +881,8 @@ impl Pool {
             free_workers: s.free.load(SeqCst),
             prio_workers: control.prio_workers,
             max_prio_workers: control.prio_max,
-            queue_depth: s.queued.len(),
-            prio_queue_depth: s.prio_queued.len(),
+            queue_depth: s.queued_len(),
+            prio_queue_depth: s.prio_injector.len(),
             completed: s.completed.load(SeqCst),
             panicked: s.panicked.load(SeqCst),
             stolen: s.stolen.load(SeqCst),
@@ -942,7 +926,7 @@ impl Pool {
             }
             s.closed.store(true, SeqCst);
             // Draining with no normal worker (all retired, or none started yet): start one.
-            if control.mode == Mode::Draining && control.workers == 0 && s.queued.len() > 0 {
+            if control.mode == Mode::Draining && control.workers == 0 && s.queued_len() > 0 {
                 let _ = spawn(s, &mut control, Kind::Normal);
             }
             s.changed.notify_all();
@@ -973,11 +957,10 @@ impl Pool {
 
     fn drop_queued(&self) {
         let s = &self.shared;
-        for (queue, count) in [(&s.injector, &s.queued), (&s.prio_injector, &s.prio_queued)] {
+        for queue in [&s.injector, &s.prio_injector] {
             loop {
                 match queue.steal() {
                     Steal::Success(job) => {
-                        count.take(1);
                         s.dropped.fetch_add(1, SeqCst);
                         drop(job);
                     }
