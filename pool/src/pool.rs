@@ -633,7 +633,9 @@ fn run_worker(shared: Arc<Shared>, kind: Kind, deque: Option<Worker<Job>>, slot:
         }
         let ticket = sleep.announce();
         let found = find(&shared);
-        if found.is_none() {
+        if found.is_some() {
+            sleep.retract();
+        } else {
             let stop =
                 || shared.may_retire(kind) && shared.must_exit(&lock(&shared.control), kind, false);
             let woke = sleep.sleep(ticket, shared.idle_timeout, stop);

@@ -18,9 +18,14 @@
 //!    job was published meanwhile, so it does not block; otherwise it waits on the condition
 //!    variable (which releases the mutex atomically).
 //!
-//! A submitter pushes its job, bumps `jobs`, then reads `sleeping`: only if it is non-zero does
-//! it take the mutex and notify one sleeper. When all workers are busy that read is the whole
-//! cost: no lock, no system call.
+//! A third counter, `sleepy`, counts workers between step 2 and the end of step 4; step 2
+//! increments it and then issues a SeqCst fence.
+//!
+//! A submitter pushes its job, issues a SeqCst fence and reads `sleepy`: when it is zero it is
+//! done, having written nothing shared (the fences pair up: either the submitter sees the worker
+//! sleepy, or the worker's second search sees the job). Otherwise it bumps `jobs` and reads
+//! `sleeping`: only if that is non-zero does it take the mutex and notify one sleeper. When all
+//! workers are busy the fence and one read are the whole cost: no lock, no system call.
 //!
 //! Why nothing is lost: the worker's `sleeping` increment and its re-read of `jobs`, and the
 //! submitter's `jobs` bump and its read of `sleeping`, are SeqCst in opposite orders (a Dekker
@@ -35,11 +40,11 @@
 //! a submitter and workers through this module and fail on a lost wake-up (a deadlock).
 
 #[cfg(loom)]
-use loom::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
+use loom::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst, fence};
 #[cfg(loom)]
 use loom::sync::{Condvar, Mutex};
 #[cfg(not(loom))]
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst, fence};
 #[cfg(not(loom))]
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
@@ -63,6 +68,8 @@ pub(crate) enum Woke {
 #[derive(Debug, Default)]
 pub(crate) struct Sleep {
     jobs: AtomicU64,
+    /// Workers between `announce` and the end of `sleep` (or `retract`).
+    sleepy: AtomicUsize,
     sleeping: AtomicUsize,
     lock: Mutex<()>,
     cond: Condvar,
@@ -77,7 +84,16 @@ impl Sleep {
     /// Step 2 of the protocol: read the ticket, then search once more before calling
     /// [`sleep`](Sleep::sleep).
     pub(crate) fn announce(&self) -> Ticket {
+        self.sleepy.fetch_add(1, SeqCst);
+        // Pairs with the fence in `publish`: either that submitter sees this worker sleepy,
+        // or this worker's next search sees its job.
+        fence(SeqCst);
         Ticket(self.jobs.load(SeqCst))
+    }
+
+    /// Withdraws an announcement when the second search found work.
+    pub(crate) fn retract(&self) {
+        self.sleepy.fetch_sub(1, SeqCst);
     }
 
     /// Step 4: blocks unless a job was published since `ticket` or `stop()` holds. `stop` is
@@ -96,6 +112,8 @@ impl Sleep {
         // how loom models SeqCst accesses), not only under a single SeqCst order.
         if self.jobs.fetch_add(0, SeqCst) != ticket.0 || stop() {
             self.sleeping.fetch_sub(1, SeqCst);
+            drop(guard);
+            self.retract();
             return Woke::NotBlocked;
         }
         let woke = match timeout {
@@ -116,12 +134,19 @@ impl Sleep {
             }
         };
         self.sleeping.fetch_sub(1, SeqCst);
+        self.retract();
         woke
     }
 
     /// A submitter's side, after its job is visible: bump the counter, wake one sleeper if
     /// there is one. Returns whether a sleeper was notified.
     pub(crate) fn publish(&self) -> bool {
+        // The fast path writes nothing shared: with no worker sleepy, any worker that becomes
+        // sleepy later searches again after its announcement and finds the job.
+        fence(SeqCst);
+        if self.sleepy.load(Relaxed) == 0 {
+            return false;
+        }
         self.jobs.fetch_add(1, SeqCst);
         if self.sleeping.load(SeqCst) == 0 {
             return false;
@@ -165,6 +190,7 @@ mod tests {
     fn a_publish_after_the_ticket_keeps_the_worker_awake() {
         let sleep = Sleep::new();
         let ticket = sleep.announce();
+        assert_eq!(sleep.sleepy.load(SeqCst), 1);
         sleep.publish();
         assert_eq!(sleep.sleep(ticket, None, || false), Woke::NotBlocked);
     }
@@ -225,6 +251,7 @@ mod loom_models {
             }
             let ticket = sleep.announce();
             if take(queue) {
+                sleep.retract();
                 taken += 1;
                 continue;
             }
