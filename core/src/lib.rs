@@ -109,7 +109,9 @@
 //!   removing one leaves the other working.
 //! - **Remove, close, reopen, re-add**: allowed at any time, also within one iteration. The
 //!   core compares the file's identity (`st_dev`, `st_ino`) at add and re-registers the new
-//!   file, so no event of the old file ever reaches the new watch.
+//!   file, so no event of the old file ever reaches the new watch. (Two opens of the same FIFO
+//!   or terminal path share that identity: re-opening such a path onto the same number between
+//!   a remove and a re-add in one iteration is not detected; let the loop run once in between.)
 //! - **Closing an fd while it is watched** is a contract violation. vireo neither crashes nor
 //!   spins and never reports to another watch: the watch gets at most one more report (an
 //!   io_uring poll in flight holds the file open until it completes) and then stays silent,
