@@ -144,6 +144,19 @@ impl Recorder {
         }
     }
 
+    /// A watch callback that logs and holds `tracked` (so its drop shows when the callback's
+    /// state is dropped).
+    pub fn tracked_watch(
+        &self,
+        tracked: Tracked,
+    ) -> impl FnMut(&LoopHandle, WatchId, RawFd, Events) + Send + 'static {
+        let log = self.clone();
+        move |_, id, _, ev| {
+            let _keep = &tracked;
+            log.push(Fired::Watch(id, ev));
+        }
+    }
+
     /// A timer callback that logs.
     pub fn timer(&self) -> impl FnMut(&LoopHandle, TimerId) + Send + 'static {
         let log = self.clone();
@@ -171,6 +184,19 @@ pub fn run_until<B: Backend>(lp: &mut EventLoop<B>, what: &str, mut done: impl F
         lp.run_once_timeout(left.min(Duration::from_millis(100)))
             .expect("run_once");
     }
+}
+
+/// Runs iterations, each allowed to block for the whole window, until `window` has passed;
+/// returns how many ran. A loop with nothing to do runs about one; a loop that spins on an
+/// event it never delivers runs thousands.
+pub fn iterations_within<B: Backend>(lp: &mut EventLoop<B>, window: Duration) -> usize {
+    let start = Instant::now();
+    let mut iterations = 0;
+    while start.elapsed() < window {
+        lp.run_once_timeout(window).expect("run_once");
+        iterations += 1;
+    }
+    iterations
 }
 
 /// Runs `n` iterations that must not block (each with a zero timeout).

@@ -35,6 +35,16 @@ fn blocker(started: &Sender<()>) -> (impl FnOnce() + Send + 'static, Sender<()>)
     (job, release)
 }
 
+/// Occupies one worker of `pool` with a blocking job and returns once it runs; the job ends
+/// when the returned sender is used or dropped.
+fn occupy(pool: &Pool) -> Sender<()> {
+    let (started_tx, started) = mpsc::channel();
+    let (block, release) = blocker(&started_tx);
+    pool.submit(block).unwrap();
+    started.recv_timeout(PATIENCE).unwrap();
+    release
+}
+
 /// Counts runs and drops of the jobs it makes.
 #[derive(Clone, Default)]
 struct Probe {
@@ -68,10 +78,7 @@ fn fifo_order_with_one_worker() {
         .max_workers(1)
         .build()
         .unwrap();
-    let (started_tx, started) = mpsc::channel();
-    let (block, release) = blocker(&started_tx);
-    pool.submit(block).unwrap();
-    started.recv_timeout(PATIENCE).unwrap();
+    let release = occupy(&pool);
     let order = Arc::new(Mutex::new(Vec::new()));
     for i in 0..100 {
         let order = Arc::clone(&order);
@@ -92,10 +99,7 @@ fn priority_worker_runs_priority_job_while_normal_jobs_wait() {
         .name("t")
         .build()
         .unwrap();
-    let (started_tx, started) = mpsc::channel();
-    let (block, release) = blocker(&started_tx);
-    pool.submit(block).unwrap();
-    started.recv_timeout(PATIENCE).unwrap();
+    let release = occupy(&pool);
     let normal = Probe::default();
     for _ in 0..10 {
         pool.submit(normal.job()).unwrap();
@@ -125,10 +129,7 @@ fn priority_lane_overtakes_queued_normal_jobs_without_priority_workers() {
         .max_workers(1)
         .build()
         .unwrap();
-    let (started_tx, started) = mpsc::channel();
-    let (block, release) = blocker(&started_tx);
-    pool.submit(block).unwrap();
-    started.recv_timeout(PATIENCE).unwrap();
+    let release = occupy(&pool);
     let order = Arc::new(Mutex::new(Vec::new()));
     for i in 0..5 {
         let order = Arc::clone(&order);
@@ -201,10 +202,7 @@ fn set_limits_validates_starts_and_retires_workers() {
     assert_eq!((stats.workers, stats.prio_workers), (4, 2));
     assert_eq!((stats.min_workers, stats.max_workers), (4, 6));
     // Lowering max and prio retires the surplus: idle ones at once, busy ones after their job.
-    let (started_tx, started) = mpsc::channel();
-    let (block, release) = blocker(&started_tx);
-    pool.submit(block).unwrap();
-    started.recv_timeout(PATIENCE).unwrap();
+    let release = occupy(&pool);
     pool.set_limits(Some(1), Some(1), Some(0)).unwrap();
     eventually("idle surplus to exit", || {
         let s = pool.stats();
@@ -254,10 +252,7 @@ fn bounded_queue_says_full_and_hands_the_job_back() {
         .queue_capacity(2)
         .build()
         .unwrap();
-    let (started_tx, started) = mpsc::channel();
-    let (block, release) = blocker(&started_tx);
-    pool.submit(block).unwrap();
-    started.recv_timeout(PATIENCE).unwrap();
+    let release = occupy(&pool);
     let probe = Probe::default();
     pool.try_submit(probe.job()).unwrap();
     pool.try_submit(probe.job()).unwrap();
@@ -300,10 +295,7 @@ fn drain_runs_every_queued_job() {
         .max_workers(1)
         .build()
         .unwrap();
-    let (started_tx, started) = mpsc::channel();
-    let (block, release) = blocker(&started_tx);
-    pool.submit(block).unwrap();
-    started.recv_timeout(PATIENCE).unwrap();
+    let release = occupy(&pool);
     let probe = Probe::default();
     for _ in 0..100 {
         pool.submit(probe.job()).unwrap();

@@ -5,7 +5,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rustix::io::Errno;
 use vireo_core::{Backend, Error, Events, Frequency, WatchId};
@@ -200,12 +200,7 @@ pub fn remove_close_reopen_readd_no_stale_event<B: Backend>() {
         assert_eq!(raw(&reader), number);
         log.take();
         let new = h.add_handle(number, Events::READABLE, log.watch()).unwrap();
-        let start = Instant::now();
-        let mut iterations = 0;
-        while start.elapsed() < Duration::from_millis(100) {
-            lp.run_once_timeout(Duration::from_millis(100)).unwrap();
-            iterations += 1;
-        }
+        let iterations = iterations_within(&mut lp, Duration::from_millis(100));
         assert!(
             log.is_empty(),
             "stale event from the old file: {:?}",
@@ -259,25 +254,19 @@ pub fn closed_while_registered_is_silent<B: Backend>() {
     let mut lp = new_loop::<B>();
     let (r, w) = pipe();
     let probe = DropProbe::new();
-    let tracked = probe.tracked();
     let log = Recorder::new();
-    let sink = log.clone();
     let id = lp
         .handle()
-        .add_handle(raw(&r), Events::READABLE, move |_, id, _, ev| {
-            let _keep = &tracked;
-            sink.push(Fired::Watch(id, ev));
-        })
+        .add_handle(
+            raw(&r),
+            Events::READABLE,
+            log.tracked_watch(probe.tracked()),
+        )
         .unwrap();
     run_iterations(&mut lp, 1);
     drop(r);
     drop(w);
-    let start = Instant::now();
-    let mut iterations = 0;
-    while start.elapsed() < Duration::from_millis(100) {
-        lp.run_once_timeout(Duration::from_millis(100)).unwrap();
-        iterations += 1;
-    }
+    let iterations = iterations_within(&mut lp, Duration::from_millis(100));
     let late = log.take();
     assert!(
         late.len() <= 1,

@@ -69,15 +69,14 @@ pub fn remove_from_other_thread_wakes_blocked_loop<B: Backend>() {
     let mut lp = new_loop::<B>();
     let (r, w) = pipe();
     let probe = DropProbe::new();
-    let tracked = probe.tracked();
     let log = Recorder::new();
-    let sink = log.clone();
     let id = lp
         .handle()
-        .add_handle(raw(&r), Events::READABLE, move |_, id, _, ev| {
-            let _keep = &tracked;
-            sink.push(Fired::Watch(id, ev));
-        })
+        .add_handle(
+            raw(&r),
+            Events::READABLE,
+            log.tracked_watch(probe.tracked()),
+        )
         .unwrap();
     let took = blocked_iteration(&mut lp, move |h| h.remove_handle(id).unwrap());
     assert!(took < WAKE_BOUND, "woke after {took:?}");
