@@ -125,8 +125,9 @@ pub enum System {
     MutexCondvar(MutexCondvarPool),
     /// crossbeam-channel workers.
     Channel(ChannelPool),
-    /// rayon.
-    Rayon(rayon::ThreadPool),
+    /// rayon, and the count of its threads still running (dropping a rayon pool does not
+    /// join its threads; shutdown waits for them so they cannot disturb the next system).
+    Rayon(rayon::ThreadPool, Arc<(Mutex<usize>, Condvar)>),
 }
 
 /// The names of the systems, in report order.
@@ -158,12 +159,19 @@ impl System {
             "vireo-pool (32 B captured)" => System::VireoCapturing(vireo()),
             "mutex-condvar" => System::MutexCondvar(MutexCondvarPool::new(workers)),
             "crossbeam-channel" => System::Channel(ChannelPool::new(workers)),
-            "rayon" => System::Rayon(
-                rayon::ThreadPoolBuilder::new()
+            "rayon" => {
+                let alive = Arc::new((Mutex::new(workers), Condvar::new()));
+                let exited = Arc::clone(&alive);
+                let pool = rayon::ThreadPoolBuilder::new()
                     .num_threads(workers)
+                    .exit_handler(move |_| {
+                        *exited.0.lock().unwrap() -= 1;
+                        exited.1.notify_all();
+                    })
                     .build()
-                    .expect("rayon pool"),
-            ),
+                    .expect("rayon pool");
+                System::Rayon(pool, alive)
+            }
             other => panic!("unknown system {other}"),
         }
     }
@@ -183,7 +191,7 @@ impl System {
             }
             System::MutexCondvar(p) => p.submit(Box::new(f)),
             System::Channel(p) => p.submit(Box::new(f)),
-            System::Rayon(p) => p.spawn(f),
+            System::Rayon(p, _) => p.spawn(f),
         }
     }
 
@@ -193,7 +201,14 @@ impl System {
             System::Vireo(p) | System::VireoCapturing(p) => p.drain(),
             System::MutexCondvar(p) => p.shutdown(),
             System::Channel(p) => p.shutdown(),
-            System::Rayon(p) => drop(p),
+            System::Rayon(p, alive) => {
+                drop(p);
+                let (lock, cond) = &*alive;
+                let mut left = lock.lock().unwrap();
+                while *left > 0 {
+                    left = cond.wait(left).unwrap();
+                }
+            }
         }
     }
 }

@@ -67,6 +67,9 @@ struct Shared {
     prio_injector: Injector<Job>,
     /// The deques of live normal workers, by slot; `None` for a slot whose worker exited.
     stealers: RwLock<Vec<Option<Stealer<Job>>>>,
+    /// Bumped (under the write lock) whenever `stealers` changes, so that searching workers
+    /// keep their own copy and take no lock while the set of workers stays the same.
+    stealers_version: AtomicUsize,
     sleep: Sleep,
     prio_sleep: Sleep,
 
@@ -92,6 +95,36 @@ struct Shared {
 
 /// How many jobs a worker runs before adding its count to [`Stats::completed`](crate::Stats).
 const FLUSH_EVERY: u64 = 1024;
+
+/// A worker's own copy of the other workers' deques to steal from, refreshed when
+/// [`Shared::stealers_version`] moves.
+struct Victims {
+    version: usize,
+    stealers: Vec<Stealer<Job>>,
+}
+
+impl Victims {
+    fn new() -> Victims {
+        Victims {
+            version: usize::MAX,
+            stealers: Vec::new(),
+        }
+    }
+
+    fn refresh(&mut self, shared: &Shared) -> &[Stealer<Job>] {
+        let version = shared.stealers_version.load(SeqCst);
+        if version != self.version {
+            let all = shared
+                .stealers
+                .read()
+                .unwrap_or_else(PoisonError::into_inner);
+            // Read again under the lock: a change that raced the first read is then seen.
+            self.version = shared.stealers_version.load(SeqCst);
+            self.stealers = all.iter().flatten().cloned().collect();
+        }
+        &self.stealers
+    }
+}
 
 /// The worker context of the current thread, if it is a normal worker of some pool.
 struct Local {
@@ -257,6 +290,7 @@ impl PoolBuilder {
             injector: Injector::new(),
             prio_injector: Injector::new(),
             stealers: RwLock::new(Vec::new()),
+            stealers_version: AtomicUsize::new(0),
             sleep: Sleep::new(),
             prio_sleep: Sleep::new(),
             control: Mutex::new(Control {
@@ -355,6 +389,7 @@ fn spawn(shared: &Arc<Shared>, control: &mut Control, kind: Kind) -> std::io::Re
                 }
             };
             stealers[slot] = Some(deque.stealer());
+            shared.stealers_version.fetch_add(1, SeqCst);
             (Some(deque), slot)
         }
         Kind::Priority => (None, usize::MAX),
@@ -381,10 +416,7 @@ fn spawn(shared: &Arc<Shared>, control: &mut Control, kind: Kind) -> std::io::Re
         }
         Err(e) => {
             if kind == Kind::Normal {
-                shared
-                    .stealers
-                    .write()
-                    .unwrap_or_else(PoisonError::into_inner)[slot] = None;
+                shared.forget_stealer(slot);
             }
             Err(e)
         }
@@ -396,13 +428,28 @@ impl Shared {
         LOCAL.with(|l| l.borrow().as_ref().is_some_and(|l| l.pool == self.id))
     }
 
+    /// Removes the deque of the worker in `slot` from the set others steal from.
+    fn forget_stealer(&self, slot: usize) {
+        let mut stealers = self
+            .stealers
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        stealers[slot] = None;
+        self.stealers_version.fetch_add(1, SeqCst);
+    }
+
     /// The next job for a worker of `kind`, in crossbeam-deque's `find_task` order.
-    fn find_task(&self, kind: Kind, local: Option<&Worker<Job>>) -> Option<Job> {
-        loop {
+    fn find_task(
+        &self,
+        kind: Kind,
+        local: Option<&Worker<Job>>,
+        victims: &mut Victims,
+    ) -> Option<Job> {
+        // An emptiness check first: `steal` on an empty injector costs a full fence, and
+        // this runs before every job.
+        while !self.prio_injector.is_empty() {
             match self.prio_injector.steal() {
-                Steal::Success(job) => {
-                    return Some(job);
-                }
+                Steal::Success(job) => return Some(job),
                 Steal::Retry => continue,
                 Steal::Empty => break,
             }
@@ -431,7 +478,7 @@ impl Shared {
                 Steal::Empty => break,
             }
         }
-        let stealers = self.stealers.read().unwrap_or_else(PoisonError::into_inner);
+        let stealers = victims.refresh(self);
         let n = stealers.len();
         if n == 0 {
             return None;
@@ -440,10 +487,7 @@ impl Shared {
             let mut retry = false;
             let start = random_index(n);
             for i in 0..n {
-                let Some(victim) = &stealers[(start + i) % n] else {
-                    continue;
-                };
-                match victim.steal_batch_and_pop(local) {
+                match stealers[(start + i) % n].steal_batch_and_pop(local) {
                     Steal::Success(job) => {
                         self.stolen.fetch_add(1, SeqCst);
                         if !local.is_empty() {
@@ -573,11 +617,12 @@ fn run_worker(shared: Arc<Shared>, kind: Kind, deque: Option<Worker<Job>>, slot:
             })
         });
     }
-    let find = |shared: &Shared| {
+    let mut victims = Victims::new();
+    let mut find = |shared: &Shared| {
         LOCAL.with(|l| {
             let l = l.borrow();
             let local = l.as_ref().filter(|l| l.pool == shared.id).map(|l| &l.deque);
-            shared.find_task(kind, local)
+            shared.find_task(kind, local, &mut victims)
         })
     };
     let sleep = shared.sleep_of(kind);
@@ -652,10 +697,7 @@ fn run_worker(shared: Arc<Shared>, kind: Kind, deque: Option<Worker<Job>>, slot:
     // Exiting: hand back what is left in the local deque (or drop it when stopping).
     let leftover = LOCAL.with(|l| l.borrow_mut().take());
     if kind == Kind::Normal {
-        shared
-            .stealers
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)[slot] = None;
+        shared.forget_stealer(slot);
     }
     if let Some(local) = leftover {
         let stopping = lock(&shared.control).mode == Mode::Stopping;
@@ -700,20 +742,22 @@ impl Pool {
         }
     }
 
-    fn push_normal(&self, job: Job) {
+    /// Queues a normal job: on this worker's own deque when `local`, else on the injector.
+    fn push_normal(&self, job: Job, local: bool) {
         let s = &self.shared;
         self.maybe_grow();
-        let pushed_locally = LOCAL.with(|l| {
-            let l = l.borrow();
-            match l.as_ref().filter(|l| l.pool == s.id) {
+        let job = if local {
+            LOCAL.with(|l| match l.borrow().as_ref().filter(|l| l.pool == s.id) {
                 Some(local) => {
                     local.deque.push(job);
                     None
                 }
                 None => Some(job),
-            }
-        });
-        if let Some(job) = pushed_locally {
+            })
+        } else {
+            Some(job)
+        };
+        if let Some(job) = job {
             s.injector.push(job);
         }
         s.sleep.publish();
@@ -756,7 +800,7 @@ impl Pool {
         if self.refuses(local) {
             return Err(SubmitError::Closed(job));
         }
-        self.push_normal(job);
+        self.push_normal(job, local);
         Ok(())
     }
 
@@ -781,7 +825,7 @@ impl Pool {
                 return Err(SubmitError::Full(job));
             }
         }
-        self.push_normal(job);
+        self.push_normal(job, local);
         Ok(())
     }
 

@@ -7,7 +7,8 @@
 //!
 //! - `jobs`: a *jobs event counter*, bumped (SeqCst) by every submitter **after** its job is
 //!   visible in a queue;
-//! - `sleeping`: how many workers are blocked, or about to block, on the condition variable.
+//! - `sleeping`: how many workers are blocked, or about to block, on the condition variable
+//!   and have not been sent a notification yet.
 //!
 //! An idle worker:
 //!
@@ -24,8 +25,13 @@
 //! A submitter pushes its job, issues a SeqCst fence and reads `sleepy`: when it is zero it is
 //! done, having written nothing shared (the fences pair up: either the submitter sees the worker
 //! sleepy, or the worker's second search sees the job). Otherwise it bumps `jobs` and reads
-//! `sleeping`: only if that is non-zero does it take the mutex and notify one sleeper. When all
-//! workers are busy the fence and one read are the whole cost: no lock, no system call.
+//! `sleeping`: only if that is non-zero does it take the mutex, move one sleeper from `sleeping`
+//! to a count of notifications sent (kept under the mutex), and notify. A woken worker takes one
+//! notification; a spurious wake-up finds none and waits again. Because the waker, not the woken
+//! worker, takes the sleeper off `sleeping`, the submits that follow in the microseconds before
+//! the woken worker runs see no sleeper and make no system call (std's `notify_one` always
+//! makes one). When all workers are busy the fence and one read are the whole cost: no lock,
+//! no system call.
 //!
 //! Why nothing is lost: the worker's `sleeping` increment and its re-read of `jobs`, and the
 //! submitter's `jobs` bump and its read of `sleeping`, are SeqCst in opposite orders (a Dekker
@@ -70,8 +76,10 @@ pub(crate) struct Sleep {
     jobs: AtomicU64,
     /// Workers between `announce` and the end of `sleep` (or `retract`).
     sleepy: AtomicUsize,
+    /// Workers blocked (or about to block) that no notification has been sent to yet.
     sleeping: AtomicUsize,
-    lock: Mutex<()>,
+    /// Notifications sent and not yet taken by a waiting worker (see [`Sleep::sleep`]).
+    lock: Mutex<usize>,
     cond: Condvar,
 }
 
@@ -116,24 +124,34 @@ impl Sleep {
             self.retract();
             return Woke::NotBlocked;
         }
-        let woke = match timeout {
-            None => {
-                let _guard = self.cond.wait(guard).unwrap_or_else(|e| e.into_inner());
-                Woke::Notified
-            }
-            Some(t) => {
-                let (_guard, result) = self
-                    .cond
-                    .wait_timeout(guard, t)
-                    .unwrap_or_else(|e| e.into_inner());
-                if result.timed_out() {
-                    Woke::TimedOut
-                } else {
-                    Woke::Notified
+        // Every worker in the loop below is counted either in `sleeping` or, once a waker has
+        // chosen it, in the notifications under the mutex: a waker moves one from the first to
+        // the second, and a woken worker takes one notification (whichever waker meant it).
+        // So a submit never wakes a worker that another submit already woke, and spurious
+        // wake-ups go back to waiting.
+        let deadline = timeout.map(|t| std::time::Instant::now() + t);
+        let mut guard = guard;
+        let woke = loop {
+            guard = match deadline {
+                None => self.cond.wait(guard).unwrap_or_else(|e| e.into_inner()),
+                Some(deadline) => {
+                    let left = deadline.saturating_duration_since(std::time::Instant::now());
+                    self.cond
+                        .wait_timeout(guard, left)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
                 }
+            };
+            if *guard > 0 {
+                *guard -= 1;
+                break Woke::Notified;
+            }
+            if deadline.is_some_and(|d| std::time::Instant::now() >= d) {
+                self.sleeping.fetch_sub(1, SeqCst);
+                break Woke::TimedOut;
             }
         };
-        self.sleeping.fetch_sub(1, SeqCst);
+        drop(guard);
         self.retract();
         woke
     }
@@ -151,7 +169,13 @@ impl Sleep {
         if self.sleeping.load(SeqCst) == 0 {
             return false;
         }
-        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut notes = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        // Re-read under the mutex: another submit may have taken the last sleeper.
+        if self.sleeping.load(SeqCst) == 0 {
+            return false;
+        }
+        self.sleeping.fetch_sub(1, SeqCst);
+        *notes += 1;
         self.cond.notify_one();
         true
     }
@@ -159,7 +183,8 @@ impl Sleep {
     /// Wakes every sleeper (after a control flag was set).
     pub(crate) fn wake_all(&self) {
         self.jobs.fetch_add(1, SeqCst);
-        let _guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut notes = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        *notes += self.sleeping.swap(0, SeqCst);
         self.cond.notify_all();
     }
 
@@ -208,6 +233,23 @@ mod tests {
         }
         assert!(sleep.publish());
         assert_ne!(worker.join().unwrap(), Woke::TimedOut);
+    }
+
+    #[test]
+    fn a_notified_sleeper_is_not_notified_twice() {
+        let sleep = Arc::new(Sleep::new());
+        let ticket = sleep.announce();
+        let worker = {
+            let sleep = Arc::clone(&sleep);
+            thread::spawn(move || sleep.sleep(ticket, None, || false))
+        };
+        while sleep.sleeping() == 0 {
+            thread::yield_now();
+        }
+        assert!(sleep.publish());
+        // Whether or not the worker has run yet, the second submit finds no sleeper left.
+        assert!(!sleep.publish());
+        assert_eq!(worker.join().unwrap(), Woke::Notified);
     }
 
     #[test]

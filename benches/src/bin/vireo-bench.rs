@@ -47,6 +47,10 @@ struct PoolArgs {
     /// Print one JSON object per result instead of the table.
     #[arg(long)]
     json: bool,
+    /// Run only these systems (repeatable; for profiling one of them). Ratio columns need the
+    /// baseline systems in the run.
+    #[arg(long = "system", value_name = "NAME", value_parser = clap::builder::PossibleValuesParser::new(SYSTEMS))]
+    systems: Vec<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -69,23 +73,41 @@ fn pool(mut args: PoolArgs) -> anyhow::Result<()> {
     let mut rates: BTreeMap<&str, BTreeMap<&str, Vec<f64>>> = BTreeMap::new();
     let mut idle: BTreeMap<&str, Vec<Duration>> = BTreeMap::new();
     let mut burst: BTreeMap<&str, Vec<Duration>> = BTreeMap::new();
-    for run in 0..args.runs {
-        // Rotate the order each run so no system always goes first.
-        for i in 0..SYSTEMS.len() {
-            let name = SYSTEMS[(i + run) % SYSTEMS.len()];
-            let system = System::start(name, args.workers);
-            for (workload, jobs) in [
-                (Workload::Empty, args.jobs),
-                (Workload::Spin1us, args.spin_jobs),
-            ] {
+    let chosen: Vec<&str> = SYSTEMS
+        .into_iter()
+        .filter(|s| args.systems.is_empty() || args.systems.iter().any(|c| c == s))
+        .collect();
+    // Each measurement starts a fresh pool. Systems take turns within each workload, in an
+    // order rotated every run, and one unrecorded warm-up round goes first: on a shared machine
+    // what ran just before a measurement moves it (clock boost, scheduler state), so every
+    // system gets every neighbour.
+    for run in 0..=args.runs {
+        let warm_up = run == 0;
+        for (workload, jobs) in [
+            (Workload::Empty, args.jobs),
+            (Workload::Spin1us, args.spin_jobs),
+        ] {
+            for i in 0..chosen.len() {
+                let name = chosen[(i + run) % chosen.len()];
+                let system = System::start(name, args.workers);
                 let took = throughput(&system, workload, jobs);
-                rates
-                    .entry(name)
-                    .or_default()
-                    .entry(workload.name())
-                    .or_default()
-                    .push(jobs as f64 / took.as_secs_f64());
+                system.shutdown();
+                if !warm_up {
+                    rates
+                        .entry(name)
+                        .or_default()
+                        .entry(workload.name())
+                        .or_default()
+                        .push(jobs as f64 / took.as_secs_f64());
+                }
             }
+        }
+        if warm_up {
+            continue;
+        }
+        for i in 0..chosen.len() {
+            let name = chosen[(i + run) % chosen.len()];
+            let system = System::start(name, args.workers);
             idle.entry(name).or_default().extend(wake_latency(
                 &system,
                 args.latency_samples,
@@ -110,7 +132,7 @@ fn pool(mut args: PoolArgs) -> anyhow::Result<()> {
         )
     };
     let mut rows = Vec::new();
-    for system in SYSTEMS {
+    for system in chosen {
         let empty = med(system, "empty");
         let spin = med(system, "1us");
         let idle = idle
