@@ -1,0 +1,267 @@
+//! `vireo-rpc`: calls, administration and load against a vireo RPC server.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use vireo_backends::Choice;
+use vireo_rpc::client::Client;
+use vireo_rpc::load::{LoadConfig, LoadReport, run_load};
+use vireo_rpc::proto::Procedure;
+use vireo_rpc::server::ListenAddr;
+
+/// Client of the vireo RPC server: single calls, virt-admin style pool administration, and a
+/// load generator that drives many connections from one vireo event-loop thread.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    /// The server: unix:PATH or tcp:HOST:PORT.
+    #[arg(long, global = true, default_value = "unix:/tmp/vireo-rpcd.sock")]
+    connect: ListenAddr,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Make one call and print the reply.
+    #[command(subcommand)]
+    Call(Call),
+    /// Inspect or change the server's worker pool (as virt-admin).
+    #[command(subcommand)]
+    Admin(Admin),
+    /// Drive the server with many connections and report throughput and latency.
+    Load(LoadArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum Call {
+    /// ECHO: the server sends the text back.
+    Echo {
+        /// The payload.
+        text: String,
+    },
+    /// SLEEP: a slow call that occupies a worker for MS milliseconds (at most 60000).
+    Sleep {
+        /// Milliseconds.
+        ms: u32,
+    },
+    /// HASH: the FNV-1a-64 hash of the text, computed by a worker.
+    Hash {
+        /// The payload.
+        text: String,
+    },
+    /// STATS: pool, loop and client statistics as JSON.
+    Stats,
+}
+
+#[derive(Debug, Subcommand)]
+enum Admin {
+    /// Print the worker pool's limits and state.
+    ThreadpoolInfo,
+    /// Change the worker pool's limits; those not given stay.
+    ThreadpoolSet {
+        /// Workers kept at all times.
+        #[arg(long)]
+        min_workers: Option<u32>,
+        /// Normal workers at most.
+        #[arg(long)]
+        max_workers: Option<u32>,
+        /// Priority workers.
+        #[arg(long)]
+        prio_workers: Option<u32>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LoadProc {
+    Echo,
+    Hash,
+    Sleep,
+    /// ECHO, HASH, SLEEP and STATS in turn (8:4:2:1).
+    Mix,
+}
+
+#[derive(Debug, Args)]
+struct LoadArgs {
+    /// Connections.
+    #[arg(long, default_value_t = 16)]
+    clients: usize,
+    /// Calls outstanding per connection.
+    #[arg(long, default_value_t = 4)]
+    inflight: usize,
+    /// Seconds of sending.
+    #[arg(long, default_value_t = 5.0)]
+    duration: f64,
+    /// What to call.
+    #[arg(long = "proc", value_enum, default_value = "echo")]
+    procedure: LoadProc,
+    /// Payload bytes of ECHO and HASH calls.
+    #[arg(long, default_value_t = 64)]
+    payload: usize,
+    /// Milliseconds per SLEEP call.
+    #[arg(long, default_value_t = 1)]
+    sleep_ms: u32,
+    /// Backend of the load generator's own event loop.
+    #[arg(long, default_value = "auto")]
+    backend: String,
+    /// Print the result as one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Call(call) => {
+            let mut client = connect(&cli.connect)?;
+            match call {
+                Call::Echo { text } => {
+                    println!(
+                        "{}",
+                        String::from_utf8_lossy(&client.echo(text.as_bytes())?)
+                    )
+                }
+                Call::Sleep { ms } => {
+                    client.sleep(ms)?;
+                    println!("slept {ms} ms");
+                }
+                Call::Hash { text } => println!("{:#018x}", client.hash(text.as_bytes())?),
+                Call::Stats => println!("{}", pretty(&client.stats()?)?),
+            }
+        }
+        Command::Admin(Admin::ThreadpoolInfo) => {
+            let mut client = connect(&cli.connect)?;
+            let stats: serde_json::Value = serde_json::from_str(&client.stats()?)?;
+            let pool = &stats["pool"];
+            for (label, key) in [
+                ("minWorkers", "min_workers"),
+                ("maxWorkers", "max_workers"),
+                ("nWorkers", "workers"),
+                ("freeWorkers", "free_workers"),
+                ("prioWorkers", "prio_workers"),
+                ("jobQueueDepth", "queue_depth"),
+                ("prioJobQueueDepth", "prio_queue_depth"),
+                ("completed", "completed"),
+                ("panicked", "panicked"),
+            ] {
+                println!("{label:<18}: {}", pool[key]);
+            }
+        }
+        Command::Admin(Admin::ThreadpoolSet {
+            min_workers,
+            max_workers,
+            prio_workers,
+        }) => {
+            if min_workers.is_none() && max_workers.is_none() && prio_workers.is_none() {
+                bail!("give at least one of --min-workers, --max-workers, --prio-workers");
+            }
+            let mut client = connect(&cli.connect)?;
+            client.set_limits(min_workers, max_workers, prio_workers)?;
+            println!("limits changed");
+        }
+        Command::Load(args) => load(cli.connect, args)?,
+    }
+    Ok(())
+}
+
+fn connect(addr: &ListenAddr) -> anyhow::Result<Client> {
+    let mut client = Client::connect(addr).with_context(|| format!("cannot connect to {addr}"))?;
+    client.set_timeout(Some(Duration::from_secs(120)))?;
+    Ok(client)
+}
+
+fn pretty(json: &str) -> anyhow::Result<String> {
+    let v: serde_json::Value = serde_json::from_str(json)?;
+    Ok(serde_json::to_string_pretty(&v)?)
+}
+
+fn load(addr: ListenAddr, args: LoadArgs) -> anyhow::Result<()> {
+    if !(args.duration > 0.0 && args.duration.is_finite()) {
+        bail!("--duration must be a positive number of seconds");
+    }
+    if args.clients == 0 || args.inflight == 0 {
+        bail!("--clients and --inflight must be at least 1");
+    }
+    let backend = match args.backend.as_str() {
+        "" | "auto" => Choice::Auto,
+        name => Choice::Only(name.parse()?),
+    };
+    let duration = Duration::from_secs_f64(args.duration);
+    let bar = ProgressBar::new(duration.as_millis() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:40} {elapsed:>4} {msg}").expect("valid template"),
+    );
+    if args.json {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let tick = bar.clone();
+    let mut cfg = LoadConfig::new(addr);
+    cfg.clients = args.clients;
+    cfg.inflight = args.inflight;
+    cfg.duration = duration;
+    cfg.payload = args.payload;
+    cfg.sleep_ms = args.sleep_ms;
+    cfg.backend = backend;
+    cfg.mix = match args.procedure {
+        LoadProc::Echo => vec![(Procedure::Echo, 1)],
+        LoadProc::Hash => vec![(Procedure::Hash, 1)],
+        LoadProc::Sleep => vec![(Procedure::Sleep, 1)],
+        LoadProc::Mix => mix(),
+    };
+    cfg.progress = Some(Arc::new(move |elapsed: Duration, replies: u64| {
+        tick.set_position((elapsed.as_millis() as u64).min(tick.length().unwrap_or(0)));
+        tick.set_message(format!("{replies} replies"));
+    }));
+    let report = run_load(&cfg).context("load run failed")?;
+    bar.finish_and_clear();
+    print_report(&report, args.json);
+    if report.errors > 0 {
+        bail!("{} errors", report.errors);
+    }
+    Ok(())
+}
+
+/// The demo's mix: ECHO, HASH, SLEEP and STATS, 8:4:2:1.
+fn mix() -> Vec<(Procedure, u32)> {
+    vec![
+        (Procedure::Echo, 8),
+        (Procedure::Hash, 4),
+        (Procedure::Sleep, 2),
+        (Procedure::Stats, 1),
+    ]
+}
+
+fn print_report(r: &LoadReport, json: bool) {
+    if json {
+        let line = serde_json::json!({
+            "sent": r.sent, "received": r.received, "errors": r.errors,
+            "error_replies": r.error_replies, "elapsed_s": r.elapsed.as_secs_f64(),
+            "requests_per_sec": r.rate(), "p50_us": r.latency_us(50.0),
+            "p90_us": r.latency_us(90.0), "p99_us": r.latency_us(99.0),
+            "p999_us": r.latency_us(99.9),
+        });
+        println!("{line}");
+        return;
+    }
+    println!(
+        "{} calls, {} replies in {:.2} s: {:.0} requests/s",
+        r.sent,
+        r.received,
+        r.elapsed.as_secs_f64(),
+        r.rate()
+    );
+    println!(
+        "latency p50 {} us, p90 {} us, p99 {} us, p99.9 {} us",
+        r.latency_us(50.0),
+        r.latency_us(90.0),
+        r.latency_us(99.0),
+        r.latency_us(99.9)
+    );
+    println!("errors: {}", r.errors);
+    for e in &r.error_samples {
+        println!("  {e}");
+    }
+}

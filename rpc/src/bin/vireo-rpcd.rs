@@ -1,0 +1,124 @@
+//! `vireo-rpcd`: the RPC server.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use vireo_backends::Choice;
+use vireo_rpc::server::{ListenAddr, Server, ServerConfig, TEST_PANIC_PROCEDURE};
+
+/// The vireo RPC server: one event-loop thread for every socket, a worker pool for the calls.
+/// SIGINT or SIGTERM stops it gracefully: no new connections or calls, every call already
+/// received is answered and its reply flushed, then exit 0.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Where to listen: unix:PATH or tcp:HOST:PORT (repeatable).
+    #[arg(long, value_name = "ADDR", default_value = "unix:/tmp/vireo-rpcd.sock")]
+    listen: Vec<ListenAddr>,
+    /// Event-loop backend: poll, epoll, io-uring, portable or auto.
+    #[arg(long, default_value = "auto", env = "VIREO_BACKEND")]
+    backend: String,
+    /// Workers started at once.
+    #[arg(long, default_value_t = 5)]
+    min_workers: usize,
+    /// Normal workers at most.
+    #[arg(long, default_value_t = 20)]
+    max_workers: usize,
+    /// Priority workers (run STATS and SET_LIMITS).
+    #[arg(long, default_value_t = 5)]
+    prio_workers: usize,
+    /// Calls in flight per client before the server stops reading from it.
+    #[arg(long, default_value_t = 5)]
+    max_client_requests: usize,
+    /// Clients at once; at the limit accepting pauses until one leaves.
+    #[arg(long, default_value_t = 5000)]
+    max_clients: usize,
+    /// Largest message in bytes (header and payload), at most 16777216.
+    #[arg(long, default_value_t = vireo_rpc::proto::MAX_MESSAGE)]
+    max_message_size: usize,
+    /// Seconds of silence before a client is pinged; 0 disables keepalive.
+    #[arg(long, default_value_t = 5.0)]
+    keepalive_interval: f64,
+    /// Unanswered pings before a silent client is closed.
+    #[arg(long, default_value_t = 5)]
+    keepalive_count: u32,
+    /// Milliseconds accepting pauses after running out of file descriptors.
+    #[arg(long, default_value_t = 5000)]
+    accept_retry_ms: u64,
+    /// Answer a procedure that panics (fault-injection tests only).
+    #[arg(long, hide = true)]
+    enable_test_procedures: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("VIREO_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let backend = match args.backend.as_str() {
+        "" | "auto" => Choice::Auto,
+        name => Choice::Only(name.parse()?),
+    };
+    if args.max_message_size > vireo_rpc::proto::MAX_MESSAGE || args.max_message_size < 24 {
+        bail!(
+            "--max-message-size must be between 24 and {}",
+            vireo_rpc::proto::MAX_MESSAGE
+        );
+    }
+    if !(args.keepalive_interval >= 0.0 && args.keepalive_interval.is_finite()) {
+        bail!("--keepalive-interval must be a number of seconds, 0 or more");
+    }
+    let config = ServerConfig {
+        listen: args.listen,
+        backend,
+        min_workers: args.min_workers,
+        max_workers: args.max_workers,
+        prio_workers: args.prio_workers,
+        max_client_requests: args.max_client_requests,
+        max_clients: args.max_clients,
+        max_message_size: args.max_message_size,
+        keepalive_interval: (args.keepalive_interval > 0.0)
+            .then(|| Duration::from_secs_f64(args.keepalive_interval)),
+        keepalive_count: args.keepalive_count,
+        accept_retry: Duration::from_millis(args.accept_retry_ms),
+        test_procedures: args.enable_test_procedures,
+        ..ServerConfig::default()
+    };
+    let server = Server::bind(config).context("cannot start the server")?;
+    let stop = server.shutdown_handle();
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+        .context("cannot install signal handlers")?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(sig) = signals.forever().next() {
+                tracing::info!(signal = sig, "stopping");
+                stop.shutdown();
+            }
+        })?;
+    if args.enable_test_procedures {
+        tracing::warn!(
+            procedure = TEST_PANIC_PROCEDURE,
+            "test procedures enabled: this one panics"
+        );
+    }
+    // Readiness line for scripts and tests: every address is bound when it is printed.
+    for addr in server.local_addrs() {
+        println!("listening on {addr} (backend {})", server.backend_name());
+    }
+    let summary = server.run().context("the event loop failed")?;
+    println!(
+        "stopped: {} clients, {} calls received, {} replies sent, {} replies dropped",
+        summary.clients_accepted,
+        summary.calls_received,
+        summary.replies_sent,
+        summary.replies_dropped
+    );
+    Ok(())
+}
