@@ -615,7 +615,7 @@ impl State {
     }
 
     fn client_ready(&mut self, h: &LoopHandle, key: usize, uid: u64, events: Events) {
-        if !self.clients.get(key).is_some_and(|c| c.uid == uid) {
+        if self.clients.get(key).is_none_or(|c| c.uid != uid) {
             return;
         }
         // Write before read, as libvirt: a reply written may lift the throttle.
@@ -762,7 +762,7 @@ impl State {
 
     /// A worker's reply arrives on the loop thread.
     fn deliver(&mut self, h: &LoopHandle, key: usize, uid: u64, reply: Vec<u8>) {
-        if !self.clients.get(key).is_some_and(|c| c.uid == uid) {
+        if self.clients.get(key).is_none_or(|c| c.uid != uid) {
             self.summary.replies_dropped += 1;
             return;
         }
@@ -983,7 +983,7 @@ fn execute(frame: &Frame, ctx: &WorkerCtx) -> Vec<u8> {
             };
             match decode_limits(p) {
                 Err(why) => err(&why),
-                Ok((min, max, prio)) => match pool.set_limits(min, max, prio) {
+                Ok([min, max, prio]) => match pool.set_limits(min, max, prio) {
                     Ok(()) => ok(&[]),
                     Err(e @ (LimitsError::MinAboveMax { .. } | LimitsError::NoWorkers)) => {
                         err(&e.to_string())
@@ -1000,7 +1000,7 @@ fn execute(frame: &Frame, ctx: &WorkerCtx) -> Vec<u8> {
 }
 
 /// `SET_LIMITS`' payload: three `i64` BE, -1 = unchanged.
-fn decode_limits(p: &[u8]) -> Result<(Option<usize>, Option<usize>, Option<usize>), String> {
+fn decode_limits(p: &[u8]) -> Result<[Option<usize>; 3], String> {
     if p.len() != 24 {
         return Err(format!(
             "SET_LIMITS takes 24 bytes (three i64), not {}",
@@ -1016,7 +1016,7 @@ fn decode_limits(p: &[u8]) -> Result<(Option<usize>, Option<usize>, Option<usize
             v => Some(usize::try_from(v).map_err(|_| format!("limit {v} is too large"))?),
         };
     }
-    Ok((out[0], out[1], out[2]))
+    Ok(out)
 }
 
 fn stats_json(pool: &Pool, counters: &Counters) -> String {

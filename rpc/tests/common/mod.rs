@@ -1,0 +1,163 @@
+//! Shared helpers of the server tests: a server per backend, raw connections, checks.
+#![allow(dead_code, unreachable_pub)]
+
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use vireo_backends::{AnyBackend, BackendKind, Choice};
+use vireo_rpc::client::Client;
+use vireo_rpc::server::{ListenAddr, Server, ServerConfig, ServerSummary, ShutdownHandle};
+
+/// How long any wait in these tests may take before it counts as a failure.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// The compiled backends that can start here. One that cannot is skipped with its reason,
+/// unless `VIREO_REQUIRE_BACKENDS` names it: then the test fails.
+pub fn backends() -> Vec<BackendKind> {
+    BackendKind::compiled()
+        .into_iter()
+        .filter(|&kind| match AnyBackend::with_choice(Choice::Only(kind)) {
+            Ok(_) => true,
+            Err(e) => {
+                assert!(
+                    !vireo_conformance::is_required(kind.name()),
+                    "backend {kind} is required but cannot start: {e}"
+                );
+                eprintln!("skipping backend {kind}: {e}");
+                false
+            }
+        })
+        .collect()
+}
+
+/// A server running on its own thread, on a Unix socket in a temporary directory; stopped
+/// and joined on drop.
+pub struct TestServer {
+    pub addr: ListenAddr,
+    pub kind: BackendKind,
+    stop: ShutdownHandle,
+    thread: Option<JoinHandle<io::Result<ServerSummary>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl TestServer {
+    pub fn start(kind: BackendKind, tweak: impl FnOnce(&mut ServerConfig)) -> TestServer {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let mut config = ServerConfig {
+            listen: vec![ListenAddr::Unix(dir.path().join("rpc.sock"))],
+            backend: Choice::Only(kind),
+            min_workers: 2,
+            max_workers: 4,
+            prio_workers: 1,
+            ..ServerConfig::default()
+        };
+        tweak(&mut config);
+        let server = Server::bind(config).expect("server starts");
+        let addr = server.local_addrs()[0].clone();
+        let stop = server.shutdown_handle();
+        let thread = std::thread::spawn(move || server.run());
+        TestServer {
+            addr,
+            kind,
+            stop,
+            thread: Some(thread),
+            _dir: dir,
+        }
+    }
+
+    pub fn client(&self) -> Client {
+        let mut c = Client::connect(&self.addr).expect("connect");
+        c.set_timeout(Some(PATIENCE)).unwrap();
+        c
+    }
+
+    /// A raw connection for sending bytes that break the protocol.
+    pub fn raw(&self) -> UnixStream {
+        let ListenAddr::Unix(path) = &self.addr else {
+            unreachable!("test servers listen on Unix sockets")
+        };
+        let s = UnixStream::connect(path).expect("connect");
+        s.set_read_timeout(Some(PATIENCE)).unwrap();
+        s
+    }
+
+    /// Checks that a well-behaved client on a new connection is served.
+    #[track_caller]
+    pub fn assert_serves(&self) {
+        let mut c = self.client();
+        assert_eq!(
+            c.echo(b"still here")
+                .expect("a well-behaved client is served"),
+            b"still here",
+            "backend {}",
+            self.kind
+        );
+    }
+
+    /// Stops the server and returns what it did.
+    pub fn stop(mut self) -> ServerSummary {
+        self.stop.shutdown();
+        self.thread
+            .take()
+            .unwrap()
+            .join()
+            .expect("server thread")
+            .expect("server runs")
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            self.stop.shutdown();
+            let _ = t.join();
+        }
+    }
+}
+
+/// Reads until the peer closes (Ok) or PATIENCE passes (Err); data read is discarded.
+pub fn wait_closed(s: &mut UnixStream) -> Result<(), String> {
+    let deadline = Instant::now() + PATIENCE;
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(()),
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::TimedOut =>
+            {
+                return Err("not closed".into());
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+        if Instant::now() > deadline {
+            return Err("still sending, not closed".into());
+        }
+    }
+}
+
+/// Sends raw bytes, ignoring a reset (the server may close first).
+pub fn send(s: &mut UnixStream, bytes: &[u8]) {
+    let _ = s.write_all(bytes);
+}
+
+/// Polls `check` until it holds or PATIENCE passes.
+#[track_caller]
+pub fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The server's client count, from STATS.
+pub fn clients_of(server: &TestServer) -> u64 {
+    let stats: serde_json::Value =
+        serde_json::from_str(&server.client().stats().expect("stats")).unwrap();
+    // The connection asking counts itself.
+    stats["clients"].as_u64().unwrap() - 1
+}
