@@ -22,6 +22,40 @@ enum Command {
     /// The worker pool: vireo-pool vs a Mutex+Condvar FIFO pool (libvirt's design), a
     /// crossbeam-channel pool and rayon; throughput with 1 producer, and wake-up latency.
     Pool(PoolArgs),
+    /// The RPC server: vireo on each backend vs a tokio server speaking the same protocol, ECHO
+    /// at several client counts and payload sizes, driven by the same load generator.
+    Rpc(RpcArgs),
+}
+
+#[derive(Debug, Args)]
+struct RpcArgs {
+    /// Client counts (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+    clients: Vec<usize>,
+    /// ECHO payload sizes in bytes (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "64,16384")]
+    payloads: Vec<usize>,
+    /// Calls outstanding per client (vireo's server reads at most 5 ahead per client).
+    #[arg(long, default_value_t = 4)]
+    inflight: usize,
+    /// Seconds of load per point.
+    #[arg(long, default_value_t = 2.0)]
+    duration: f64,
+    /// Runs per point; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Worker threads of each server (vireo's pool, tokio's runtime).
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// A smoke run well under a minute.
+    #[arg(long)]
+    quick: bool,
+    /// Print one JSON object per result instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Run only these systems (repeatable): vireo-<backend> or tokio.
+    #[arg(long = "system", value_name = "NAME")]
+    systems: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -56,6 +90,7 @@ struct PoolArgs {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Pool(args) => pool(args),
+        Command::Rpc(args) => rpc(args),
     }
 }
 
@@ -228,6 +263,143 @@ fn pool(mut args: PoolArgs) -> anyhow::Result<()> {
             micros(*b50),
             micros(*b99),
         );
+    }
+    Ok(())
+}
+
+fn rpc(mut args: RpcArgs) -> anyhow::Result<()> {
+    use vireo_benches::rpc;
+    use vireo_rpc::load::{LoadConfig, run_load};
+
+    if args.quick {
+        args.duration = args.duration.min(0.3);
+        args.runs = 1;
+    }
+    if !(args.duration > 0.0 && args.duration.is_finite()) {
+        bail!("--duration must be a positive number of seconds");
+    }
+    if args.runs == 0 || args.workers == 0 || args.inflight == 0 {
+        bail!("--runs, --workers and --inflight must be at least 1");
+    }
+    if args.clients.contains(&0) {
+        bail!("--clients must all be at least 1");
+    }
+    let all = rpc::systems();
+    for s in &args.systems {
+        if !all.contains(s) {
+            bail!(
+                "unknown or unavailable system {s:?}: choose from {}",
+                all.join(", ")
+            );
+        }
+    }
+    let chosen: Vec<String> = all
+        .into_iter()
+        .filter(|s| args.systems.is_empty() || args.systems.contains(s))
+        .collect();
+    let dir = std::env::temp_dir().join(format!("vireo-bench-rpc-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let points: Vec<(usize, usize)> = args
+        .clients
+        .iter()
+        .flat_map(|&c| args.payloads.iter().map(move |&p| (c, p)))
+        .collect();
+    let bar = indicatif::ProgressBar::new((points.len() * chosen.len() * args.runs) as u64);
+    if args.json {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    // (clients, payload) -> system -> [(rate, p50, p99, errors)]
+    let mut results: BTreeMap<(usize, usize), BTreeMap<String, Vec<(f64, u64, u64, u64)>>> =
+        BTreeMap::new();
+    for &(clients, payload) in &points {
+        for run in 0..args.runs {
+            for i in 0..chosen.len() {
+                let name = &chosen[(i + run) % chosen.len()];
+                bar.set_message(format!("{name}, {clients} clients, {payload} B"));
+                let path = dir.join(format!("{name}.sock"));
+                let (server, addr) = rpc::start(name, &path, args.workers)?;
+                let mut cfg = LoadConfig::new(addr);
+                cfg.clients = clients;
+                cfg.inflight = args.inflight;
+                cfg.payload = payload;
+                cfg.duration = Duration::from_secs_f64(args.duration);
+                cfg.backend = vireo_backends::Choice::Auto;
+                let report = run_load(&cfg);
+                server.stop();
+                let report = report?;
+                results
+                    .entry((clients, payload))
+                    .or_default()
+                    .entry(name.clone())
+                    .or_default()
+                    .push((
+                        report.rate(),
+                        report.latency_us(50.0),
+                        report.latency_us(99.0),
+                        report.errors,
+                    ));
+                bar.inc(1);
+            }
+        }
+    }
+    bar.finish_and_clear();
+    let _ = std::fs::remove_dir_all(&dir);
+
+    if !args.json {
+        println!(
+            "vireo-bench rpc: ECHO, {} calls in flight per client, {:.1} s per point, medians of {} runs; \
+             {} server workers; load generator: one vireo loop thread",
+            args.inflight, args.duration, args.runs, args.workers
+        );
+        println!();
+        println!(
+            "{:>7} {:>8}  {:<16}{:>12}{:>10}{:>10}{:>9}{:>8}",
+            "clients", "payload", "system", "req/s", "p50", "p99", "x tokio", "errors"
+        );
+    }
+    for ((clients, payload), by_system) in &mut results {
+        let mut rows = Vec::new();
+        for (name, runs) in by_system.iter_mut() {
+            let mut rates: Vec<f64> = runs.iter().map(|r| r.0).collect();
+            let mut p50: Vec<f64> = runs.iter().map(|r| r.1 as f64).collect();
+            let mut p99: Vec<f64> = runs.iter().map(|r| r.2 as f64).collect();
+            let errors: u64 = runs.iter().map(|r| r.3).sum();
+            rows.push((
+                name.clone(),
+                median(&mut rates),
+                median(&mut p50),
+                median(&mut p99),
+                errors,
+            ));
+        }
+        let tokio = rows
+            .iter()
+            .find(|r| r.0 == "tokio")
+            .map_or(f64::NAN, |r| r.1);
+        for (name, rate, p50, p99, errors) in rows {
+            if args.json {
+                let line = serde_json::json!({
+                    "bench": "rpc", "system": name, "procedure": "echo",
+                    "clients": clients, "payload": payload, "inflight": args.inflight,
+                    "duration_s": args.duration, "runs": args.runs, "workers": args.workers,
+                    "requests_per_sec_median": rate, "p50_us_median": p50,
+                    "p99_us_median": p99, "ratio_vs_tokio": rate / tokio, "errors": errors,
+                });
+                println!("{line}");
+            } else {
+                println!(
+                    "{:>7} {:>8}  {:<16}{:>12.0}{:>8.0}us{:>8.0}us{:>9.2}{:>8}",
+                    clients,
+                    payload,
+                    name,
+                    rate,
+                    p50,
+                    p99,
+                    rate / tokio,
+                    errors
+                );
+            }
+        }
     }
     Ok(())
 }
