@@ -278,19 +278,24 @@ impl From<ProtocolError> for io::Error {
     }
 }
 
-/// How many bytes one read asks for beyond the frame being assembled.
+/// The most one read asks for beyond the frame being assembled.
 const READ_CHUNK: usize = 64 * 1024;
+/// What one read asks for at first; doubled (up to [`READ_CHUNK`]) each time a read fills it.
+const FIRST_CHUNK: usize = 4 * 1024;
 
 /// Assembles frames from a byte stream that arrives in pieces of any size.
 ///
 /// Memory stays bounded: the buffer holds at most the frame being assembled (whose length was
-/// checked against the limit before any room is made for it) plus one read of
-/// [`READ_CHUNK`](self) bytes.
+/// checked against the limit before any room is made for it) plus one read of at most 64 KiB.
+/// The buffer is kept between reads, so its bytes are initialized once, not on every read; a
+/// connection that sends small calls keeps a small buffer (4 KiB to start).
 #[derive(Debug)]
 pub struct FrameReader {
+    /// Initialized storage; `pos..end` holds the unconsumed bytes.
     buf: Vec<u8>,
-    /// Start of the unconsumed bytes in `buf`.
     pos: usize,
+    end: usize,
+    chunk: usize,
     max_len: usize,
     failed: Option<ProtocolError>,
 }
@@ -302,6 +307,8 @@ impl FrameReader {
         FrameReader {
             buf: Vec::new(),
             pos: 0,
+            end: 0,
+            chunk: FIRST_CHUNK,
             max_len: max_message.clamp(HEADER_LEN, MAX_MESSAGE) + LEN_WORD,
             failed: None,
         }
@@ -314,18 +321,31 @@ impl FrameReader {
 
     /// Bytes received and not yet returned as frames.
     pub fn buffered(&self) -> usize {
-        self.buf.len() - self.pos
+        self.end - self.pos
     }
 
-    /// Bytes this reader has allocated room for.
+    /// Bytes this reader holds room for.
     pub fn capacity(&self) -> usize {
         self.buf.capacity()
     }
 
+    /// Makes `room` bytes writable after the unconsumed ones.
+    fn reserve(&mut self, room: usize) {
+        if self.pos > 0 && self.end + room > self.buf.len() {
+            self.buf.copy_within(self.pos..self.end, 0);
+            self.end -= self.pos;
+            self.pos = 0;
+        }
+        if self.end + room > self.buf.len() {
+            self.buf.resize(self.end + room, 0);
+        }
+    }
+
     /// Appends received bytes.
     pub fn feed(&mut self, bytes: &[u8]) {
-        self.compact();
-        self.buf.extend_from_slice(bytes);
+        self.reserve(bytes.len());
+        self.buf[self.end..self.end + bytes.len()].copy_from_slice(bytes);
+        self.end += bytes.len();
     }
 
     /// The length word of the frame at the front, checked, once its 4 bytes are in.
@@ -333,7 +353,7 @@ impl FrameReader {
         if let Some(e) = self.failed {
             return Err(e);
         }
-        let avail = &self.buf[self.pos..];
+        let avail = &self.buf[self.pos..self.end];
         if avail.len() < LEN_WORD {
             return Ok(None);
         }
@@ -353,7 +373,7 @@ impl FrameReader {
     }
 
     /// Reads once from `source` into the buffer, never more than the frame being assembled
-    /// plus [`READ_CHUNK`](self) bytes. Returns the bytes read (0 at end of stream).
+    /// plus 64 KiB. Returns the bytes read (0 at end of stream).
     ///
     /// # Errors
     ///
@@ -361,14 +381,14 @@ impl FrameReader {
     /// (then nothing is read: the stream is unusable).
     pub fn read_from(&mut self, source: &mut impl Read) -> io::Result<usize> {
         let front = self.front_len()?.unwrap_or(0);
-        self.compact();
-        let want = front.saturating_sub(self.buffered()) + READ_CHUNK;
-        let start = self.buf.len();
-        self.buf.resize(start + want, 0);
-        let result = source.read(&mut self.buf[start..]);
-        let n = *result.as_ref().unwrap_or(&0);
-        self.buf.truncate(start + n);
-        result
+        let want = front.saturating_sub(self.buffered()) + self.chunk;
+        self.reserve(want);
+        let n = source.read(&mut self.buf[self.end..self.end + want])?;
+        self.end += n;
+        if n == want && self.chunk < READ_CHUNK {
+            self.chunk *= 2;
+        }
+        Ok(n)
     }
 
     /// The next complete frame, if one is buffered.
@@ -392,23 +412,16 @@ impl FrameReader {
             payload: frame[MIN_FRAME_LEN..].to_vec(),
         };
         self.pos += len;
-        if self.pos == self.buf.len() {
-            self.buf.clear();
+        if self.pos == self.end {
             self.pos = 0;
+            self.end = 0;
             // Give back the room a large frame needed.
-            if self.buf.capacity() > 4 * READ_CHUNK {
-                self.buf.shrink_to(READ_CHUNK);
+            if self.buf.len() > 2 * READ_CHUNK {
+                self.buf.truncate(READ_CHUNK);
+                self.buf.shrink_to_fit();
             }
         }
         Ok(Some(frame))
-    }
-
-    /// Moves unconsumed bytes to the front of the buffer.
-    fn compact(&mut self) {
-        if self.pos > 0 {
-            self.buf.drain(..self.pos);
-            self.pos = 0;
-        }
     }
 }
 

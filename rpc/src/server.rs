@@ -27,7 +27,7 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::io::{self, Write};
+use std::io::{self, IoSlice, Write};
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -296,6 +296,37 @@ enum Close {
 
 type Shared = Arc<Mutex<State>>;
 
+/// A reply finished by a worker, on its way to the loop thread.
+struct Completion {
+    key: usize,
+    uid: u64,
+    reply: Vec<u8>,
+}
+
+/// Replies travel to the loop in batches: the first one after a drain schedules one
+/// [`LoopHandle::invoke`], and that drain takes every reply that arrived by then, so a busy
+/// server pays one wake-up and one write per client per batch rather than per reply.
+#[derive(Default)]
+struct Completions {
+    /// The replies, and whether a drain is scheduled.
+    queue: Mutex<(Vec<Completion>, bool)>,
+}
+
+impl Completions {
+    /// Adds a reply; returns whether the caller must schedule a drain.
+    fn push(&self, completion: Completion) -> bool {
+        let mut q = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        q.0.push(completion);
+        !std::mem::replace(&mut q.1, true)
+    }
+
+    fn take(&self) -> Vec<Completion> {
+        let mut q = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        q.1 = false;
+        std::mem::take(&mut q.0)
+    }
+}
+
 fn lock(state: &Shared) -> MutexGuard<'_, State> {
     state.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -305,6 +336,7 @@ struct State {
     handle: LoopHandle,
     pool: Arc<Pool>,
     counters: Arc<Counters>,
+    completions: Arc<Completions>,
     config: ServerConfig,
     listeners: Vec<(Listener, WatchId)>,
     accepting: bool,
@@ -375,6 +407,7 @@ impl Server {
                 handle: handle.clone(),
                 pool: Arc::clone(&pool),
                 counters: Arc::clone(&counters),
+                completions: Arc::default(),
                 config,
                 listeners: Vec::new(),
                 accepting: true,
@@ -727,6 +760,7 @@ impl State {
         let uid = c.uid;
         let weak = self.me.clone();
         let handle = self.handle.clone();
+        let completions = Arc::clone(&self.completions);
         let ctx = WorkerCtx {
             pool: Arc::downgrade(&self.pool),
             counters: Arc::clone(&self.counters),
@@ -739,12 +773,14 @@ impl State {
                     b"internal error: the procedure panicked",
                 ),
             };
-            // An error means the loop is gone, and the reply with it.
-            let _ = handle.invoke(move |h| {
-                if let Some(state) = weak.upgrade() {
-                    lock(&state).deliver(h, key, uid, reply);
-                }
-            });
+            if completions.push(Completion { key, uid, reply }) {
+                // An error means the loop is gone, and the replies with it.
+                let _ = handle.invoke(move |h| {
+                    if let Some(state) = weak.upgrade() {
+                        lock(&state).drain_completions(h);
+                    }
+                });
+            }
         };
         let submitted = if priority {
             self.pool.submit_priority(job)
@@ -760,20 +796,34 @@ impl State {
         }
     }
 
-    /// A worker's reply arrives on the loop thread.
-    fn deliver(&mut self, h: &LoopHandle, key: usize, uid: u64, reply: Vec<u8>) {
-        if self.clients.get(key).is_none_or(|c| c.uid != uid) {
-            self.summary.replies_dropped += 1;
-            return;
-        }
-        let outcome = self
-            .queue(key, reply, true)
-            .and_then(|()| self.write_out(key));
-        match outcome {
-            Ok(()) => self.refresh_interest(h, key),
-            Err(why) => {
+    /// Workers' replies arrive on the loop thread: queue each on its client, then write each
+    /// client's queue once.
+    fn drain_completions(&mut self, h: &LoopHandle) {
+        let batch = self.completions.take();
+        let mut touched = Vec::new();
+        for Completion { key, uid, reply } in batch {
+            if self.clients.get(key).is_none_or(|c| c.uid != uid) {
+                self.summary.replies_dropped += 1;
+                continue;
+            }
+            if self.clients[key].tx.is_empty() {
+                touched.push((key, uid));
+            }
+            if let Err(why) = self.queue(key, reply, true) {
                 self.close(key, why);
                 self.check_limits(h);
+            }
+        }
+        for (key, uid) in touched {
+            if self.clients.get(key).is_none_or(|c| c.uid != uid) {
+                continue;
+            }
+            match self.write_out(key) {
+                Ok(()) => self.refresh_interest(h, key),
+                Err(why) => {
+                    self.close(key, why);
+                    self.check_limits(h);
+                }
             }
         }
     }
@@ -792,19 +842,37 @@ impl State {
         Ok(())
     }
 
-    /// Writes queued replies until the socket would block.
+    /// Writes queued replies, several per system call, until the socket would block.
     fn write_out(&mut self, key: usize) -> Result<(), Close> {
         let mut finished_tracked = 0;
         let result = {
             let c = &mut self.clients[key];
             loop {
-                let Some(front) = c.tx.front() else {
+                if c.tx.is_empty() {
                     break Ok(());
-                };
-                match c.stream.write(&front.bytes[c.tx_offset..]) {
-                    Ok(n) => {
-                        c.tx_offset += n;
-                        if c.tx_offset == front.bytes.len() {
+                }
+                let slices: Vec<IoSlice<'_>> =
+                    c.tx.iter()
+                        .take(64)
+                        .enumerate()
+                        .map(|(i, o)| {
+                            IoSlice::new(if i == 0 {
+                                &o.bytes[c.tx_offset..]
+                            } else {
+                                &o.bytes
+                            })
+                        })
+                        .collect();
+                match c.stream.write_vectored(&slices) {
+                    Ok(mut n) => {
+                        while n > 0 {
+                            let front = c.tx.front().expect("bytes written belong to a reply");
+                            let left = front.bytes.len() - c.tx_offset;
+                            if n < left {
+                                c.tx_offset += n;
+                                break;
+                            }
+                            n -= left;
                             let done = c.tx.pop_front().expect("front exists");
                             c.tx_bytes -= done.bytes.len();
                             c.tx_offset = 0;
