@@ -74,7 +74,9 @@ pub fn start(name: &str, path: &Path, workers: usize) -> io::Result<(Running, Li
             ..ServerConfig::default()
         })?;
         let stop = server.shutdown_handle();
-        let thread = std::thread::spawn(move || server.run());
+        let thread = std::thread::Builder::new()
+            .name("vireo-loop".into())
+            .spawn(move || server.run())?;
         Ok((Running::Vireo(stop, thread), addr))
     } else if name == "tokio" {
         let runtime = tokio::runtime::Builder::new_multi_thread()

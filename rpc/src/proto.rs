@@ -296,6 +296,8 @@ pub struct FrameReader {
     pos: usize,
     end: usize,
     chunk: usize,
+    /// Whether the last read filled all the room it was given.
+    filled: bool,
     max_len: usize,
     failed: Option<ProtocolError>,
 }
@@ -309,6 +311,7 @@ impl FrameReader {
             pos: 0,
             end: 0,
             chunk: FIRST_CHUNK,
+            filled: false,
             max_len: max_message.clamp(HEADER_LEN, MAX_MESSAGE) + LEN_WORD,
             failed: None,
         }
@@ -385,10 +388,18 @@ impl FrameReader {
         self.reserve(want);
         let n = source.read(&mut self.buf[self.end..self.end + want])?;
         self.end += n;
-        if n == want && self.chunk < READ_CHUNK {
+        self.filled = n == want;
+        if self.filled && self.chunk < READ_CHUNK {
             self.chunk *= 2;
         }
         Ok(n)
+    }
+
+    /// Whether the last [`read_from`](FrameReader::read_from) filled all the room it offered:
+    /// when it did not, a stream socket most likely has nothing more right now, and a caller
+    /// driven by level-triggered readiness can skip the read that would say `WouldBlock`.
+    pub fn filled_last_read(&self) -> bool {
+        self.filled
     }
 
     /// The next complete frame, if one is buffered.

@@ -336,7 +336,7 @@ struct State {
     handle: LoopHandle,
     pool: Arc<Pool>,
     counters: Arc<Counters>,
-    completions: Arc<Completions>,
+    ctx: Arc<WorkerCtx>,
     config: ServerConfig,
     listeners: Vec<(Listener, WatchId)>,
     accepting: bool,
@@ -407,7 +407,13 @@ impl Server {
                 handle: handle.clone(),
                 pool: Arc::clone(&pool),
                 counters: Arc::clone(&counters),
-                completions: Arc::default(),
+                ctx: Arc::new(WorkerCtx {
+                    state: me.clone(),
+                    handle: handle.clone(),
+                    completions: Completions::default(),
+                    pool: Arc::downgrade(&pool),
+                    counters: Arc::clone(&counters),
+                }),
                 config,
                 listeners: Vec::new(),
                 accepting: true,
@@ -691,7 +697,12 @@ impl State {
                 Ok(_) => {
                     c.last_rx = Instant::now();
                     c.pings_left = self.config.keepalive_count;
+                    let more = c.reader.filled_last_read();
                     self.dispatch_frames(key)?;
+                    if !more {
+                        // Drained: readiness reports the next bytes; no read to hear EAGAIN.
+                        return Ok(());
+                    }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -758,13 +769,9 @@ impl State {
         let c = &mut self.clients[key];
         c.in_flight += 1;
         let uid = c.uid;
-        let weak = self.me.clone();
-        let handle = self.handle.clone();
-        let completions = Arc::clone(&self.completions);
-        let ctx = WorkerCtx {
-            pool: Arc::downgrade(&self.pool),
-            counters: Arc::clone(&self.counters),
-        };
+        // One reference count for everything a job needs (each count is a cache line that the
+        // loop and the workers would otherwise pass back and forth).
+        let ctx = Arc::clone(&self.ctx);
         let job = move || {
             let reply = match catch_unwind(AssertUnwindSafe(|| execute(&frame, &ctx))) {
                 Ok(reply) => reply,
@@ -773,9 +780,10 @@ impl State {
                     b"internal error: the procedure panicked",
                 ),
             };
-            if completions.push(Completion { key, uid, reply }) {
+            if ctx.completions.push(Completion { key, uid, reply }) {
+                let weak = ctx.state.clone();
                 // An error means the loop is gone, and the replies with it.
-                let _ = handle.invoke(move |h| {
+                let _ = ctx.handle.invoke(move |h| {
                     if let Some(state) = weak.upgrade() {
                         lock(&state).drain_completions(h);
                     }
@@ -799,7 +807,7 @@ impl State {
     /// Workers' replies arrive on the loop thread: queue each on its client, then write each
     /// client's queue once.
     fn drain_completions(&mut self, h: &LoopHandle) {
-        let batch = self.completions.take();
+        let batch = self.ctx.completions.take();
         let mut touched = Vec::new();
         for Completion { key, uid, reply } in batch {
             if self.clients.get(key).is_none_or(|c| c.uid != uid) {
@@ -1014,6 +1022,9 @@ fn is_fd_exhaustion(errno: i32) -> bool {
 
 /// What a worker needs besides the frame.
 struct WorkerCtx {
+    state: std::sync::Weak<Mutex<State>>,
+    handle: LoopHandle,
+    completions: Completions,
     pool: std::sync::Weak<Pool>,
     counters: Arc<Counters>,
 }

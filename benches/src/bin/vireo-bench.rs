@@ -87,6 +87,12 @@ struct PoolArgs {
     systems: Vec<String>,
 }
 
+// Every system in a run shares this allocator. glibc's malloc serializes threads that free
+// what another thread allocated (one arena lock), which is what handing work between threads
+// does; mimalloc frees such blocks without a lock.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Pool(args) => pool(args),
@@ -267,6 +273,9 @@ fn pool(mut args: PoolArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One run of one system at one point: requests/s, p50 and p99 in µs, errors.
+type RpcRun = (f64, u64, u64, u64);
+
 fn rpc(mut args: RpcArgs) -> anyhow::Result<()> {
     use vireo_benches::rpc;
     use vireo_rpc::load::{LoadConfig, run_load};
@@ -308,9 +317,8 @@ fn rpc(mut args: RpcArgs) -> anyhow::Result<()> {
     if args.json {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
-    // (clients, payload) -> system -> [(rate, p50, p99, errors)]
-    let mut results: BTreeMap<(usize, usize), BTreeMap<String, Vec<(f64, u64, u64, u64)>>> =
-        BTreeMap::new();
+    // (clients, payload) -> system -> runs
+    let mut results: BTreeMap<(usize, usize), BTreeMap<String, Vec<RpcRun>>> = BTreeMap::new();
     for &(clients, payload) in &points {
         for run in 0..args.runs {
             for i in 0..chosen.len() {
