@@ -59,7 +59,8 @@ pub enum ListenAddr {
     /// A Unix stream socket at this path (`unix:PATH`). A stale socket file nobody listens on is
     /// replaced; the file is removed when the server stops.
     Unix(PathBuf),
-    /// A TCP socket (`tcp:HOST:PORT`; port 0 picks a free one, see [`Server::local_addrs`]).
+    /// A TCP socket (`tcp:HOST:PORT`, or `tcp:PORT` for 127.0.0.1; port 0 picks a free one,
+    /// see [`Server::local_addrs`]).
     Tcp(SocketAddr),
 }
 
@@ -76,6 +77,10 @@ impl FromStr for ListenAddr {
             }
             Ok(ListenAddr::Unix(PathBuf::from(path)))
         } else if let Some(addr) = s.strip_prefix("tcp:") {
+            // A bare port means loopback: nothing listens beyond this host unless asked to.
+            if let Ok(port) = addr.parse::<u16>() {
+                return Ok(ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], port))));
+            }
             let addr = addr
                 .to_socket_addrs()
                 .map_err(|e| invalid(format!("bad tcp address {addr:?}: {e}")))?

@@ -6,10 +6,11 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::{TestServer, backends, clients_of, eventually, send, wait_closed};
+use vireo_rpc::client::Client;
 use vireo_rpc::proto::{
     self, Header, KEEPALIVE_PING, KEEPALIVE_PONG, MAX_SLEEP_MS, Procedure, kind, status,
 };
-use vireo_rpc::server::TEST_PANIC_PROCEDURE;
+use vireo_rpc::server::{ListenAddr, TEST_PANIC_PROCEDURE};
 
 #[test]
 fn every_procedure_answers() {
@@ -47,6 +48,22 @@ fn every_procedure_answers() {
         assert_eq!(c.echo(&big).unwrap().len(), big.len(), "{kind}");
         let summary = server.stop();
         assert_eq!(summary.calls_received, summary.replies_sent, "{kind}");
+    }
+}
+
+#[test]
+fn tcp_on_loopback_serves_alongside_unix() {
+    for kind in backends() {
+        let server = TestServer::start(kind, |c| c.listen.push("tcp:0".parse().unwrap()));
+        let ListenAddr::Tcp(tcp) = server.addrs[1].clone() else {
+            panic!("{kind}: no tcp address in {:?}", server.addrs)
+        };
+        assert!(tcp.ip().is_loopback() && tcp.port() != 0, "{kind}: {tcp}");
+        let mut c = Client::connect(&ListenAddr::Tcp(tcp)).unwrap();
+        c.set_timeout(Some(common::PATIENCE)).unwrap();
+        assert_eq!(c.echo(b"over tcp").unwrap(), b"over tcp", "{kind}");
+        assert_eq!(c.hash(b"a").unwrap(), 0xaf63_dc4c_8601_ec8c, "{kind}");
+        server.assert_serves();
     }
 }
 

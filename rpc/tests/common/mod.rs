@@ -36,6 +36,7 @@ pub fn backends() -> Vec<BackendKind> {
 /// and joined on drop.
 pub struct TestServer {
     pub addr: ListenAddr,
+    pub addrs: Vec<ListenAddr>,
     pub kind: BackendKind,
     stop: ShutdownHandle,
     thread: Option<JoinHandle<io::Result<ServerSummary>>>,
@@ -55,11 +56,13 @@ impl TestServer {
         };
         tweak(&mut config);
         let server = Server::bind(config).expect("server starts");
-        let addr = server.local_addrs()[0].clone();
+        let addrs = server.local_addrs().to_vec();
+        let addr = addrs[0].clone();
         let stop = server.shutdown_handle();
         let thread = std::thread::spawn(move || server.run());
         TestServer {
             addr,
+            addrs,
             kind,
             stop,
             thread: Some(thread),
