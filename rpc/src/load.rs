@@ -238,29 +238,37 @@ impl Load {
     }
 
     fn service(&mut self, i: usize, events: Events) -> io::Result<()> {
-        if events.contains(Events::WRITABLE) {
-            self.flush(i)?;
-        }
         if events.intersects(Events::READABLE | Events::HANGUP | Events::ERROR) {
-            let c = &mut self.conns[i];
-            match c.reader.read_from(&mut c.stream) {
-                Ok(0) => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "the server closed the connection",
-                    ));
-                }
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-            while let Some(frame) = self.conns[i].reader.next_frame()? {
-                self.on_frame(i, frame.header, &frame.payload);
-            }
+            self.receive(i)?;
         }
         self.fill(i);
-        self.flush(i)
+        if let Err(e) = self.flush(i) {
+            // The server may have answered before it went away: count what it sent first.
+            while let Ok(true) = self.receive(i) {}
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// One read and the frames it completes; `Ok(false)` when there was nothing to read.
+    fn receive(&mut self, i: usize) -> io::Result<bool> {
+        let c = &mut self.conns[i];
+        let got = match c.reader.read_from(&mut c.stream) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the server closed the connection",
+                ));
+            }
+            Ok(_) => true,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => true,
+            Err(e) => return Err(e),
+        };
+        while let Some(frame) = self.conns[i].reader.next_frame()? {
+            self.on_frame(i, frame.header, &frame.payload);
+        }
+        Ok(got)
     }
 
     fn on_frame(&mut self, i: usize, header: Header, payload: &[u8]) {

@@ -2,7 +2,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
@@ -65,22 +65,43 @@ impl Read for Stream {
     }
 }
 
+/// Writes with `MSG_NOSIGNAL`: a peer that went away is an `EPIPE` error, never a SIGPIPE, even
+/// in a program that restored the signal's default action.
 impl Write for Stream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self {
-            Stream::Unix(s) => s.write(buf),
-            Stream::Tcp(s) => s.write(buf),
+        loop {
+            match rustix::net::send(&*self, buf, rustix::net::SendFlags::NOSIGNAL) {
+                Err(rustix::io::Errno::INTR) => continue,
+                other => return other.map_err(io::Error::from),
+            }
         }
     }
 
     fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        match self {
-            Stream::Unix(s) => s.write_vectored(bufs),
-            Stream::Tcp(s) => s.write_vectored(bufs),
+        loop {
+            let sent = rustix::net::sendmsg(
+                &*self,
+                bufs,
+                &mut rustix::net::SendAncillaryBuffer::default(),
+                rustix::net::SendFlags::NOSIGNAL,
+            );
+            match sent {
+                Err(rustix::io::Errno::INTR) => continue,
+                other => return other.map_err(io::Error::from),
+            }
         }
     }
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+impl AsFd for Stream {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        match self {
+            Stream::Unix(s) => s.as_fd(),
+            Stream::Tcp(s) => s.as_fd(),
+        }
     }
 }

@@ -127,6 +127,7 @@ pub fn wait_closed(s: &mut UnixStream) -> Result<(), String> {
     loop {
         match s.read(&mut buf) {
             Ok(0) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Ok(_) => {}
             Err(e) if e.kind() == io::ErrorKind::ConnectionReset => return Ok(()),
             Err(e)
@@ -163,4 +164,21 @@ pub fn clients_of(server: &TestServer) -> u64 {
         serde_json::from_str(&server.client().stats().expect("stats")).unwrap();
     // The connection asking counts itself.
     stats["clients"].as_u64().unwrap() - 1
+}
+
+/// Reads one whole frame from a blocking socket (EINTR retried); panics when the peer closes.
+#[track_caller]
+pub fn read_frame(s: &mut UnixStream) -> vireo_rpc::proto::Frame {
+    let mut reader = vireo_rpc::proto::FrameReader::new(vireo_rpc::proto::MAX_MESSAGE);
+    loop {
+        if let Some(f) = reader.next_frame().expect("a valid frame") {
+            return f;
+        }
+        match reader.read_from(s) {
+            Ok(0) => panic!("the server closed the connection"),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => panic!("read: {e}"),
+        }
+    }
 }
