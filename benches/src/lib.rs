@@ -5,6 +5,8 @@
 //! runs and ratios between systems measured in that same run (machines are shared and noisy).
 #![deny(missing_docs)]
 
+pub mod pipes;
+pub mod plot;
 pub mod pool;
 pub mod report;
 pub mod rpc;

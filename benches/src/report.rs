@@ -22,6 +22,118 @@ pub fn percentile(samples: &mut [Duration], p: f64) -> Duration {
     samples[rank.clamp(1, samples.len()) - 1]
 }
 
+/// A benchmark's result: a table for people, JSON lines for programs, charts for reports.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// The subcommand (`pipes`, `timers`, ...).
+    pub bench: String,
+    /// What was measured and how, printed above the table.
+    pub intro: Vec<String>,
+    /// Column headers.
+    pub columns: Vec<String>,
+    /// Rows of cells, already formatted.
+    pub rows: Vec<Vec<String>>,
+    /// One JSON object per result.
+    pub json: Vec<serde_json::Value>,
+    /// Charts to draw with `--plot`.
+    pub charts: Vec<Chart>,
+    /// Targets with their measured values, for the report's summary.
+    pub targets: Vec<Target>,
+}
+
+/// A grouped bar chart: for each group (a parameter set), one bar per series (a system).
+#[derive(Debug, Clone, Default)]
+pub struct Chart {
+    /// File name without extension.
+    pub name: String,
+    /// Title.
+    pub title: String,
+    /// What the bars measure.
+    pub y_label: String,
+    /// `(group, [(series, value)])`.
+    pub groups: Vec<(String, Vec<(String, f64)>)>,
+}
+
+/// A target from the benchmark issue and what this run measured for it.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The target, in words.
+    pub what: String,
+    /// The measured value, in words.
+    pub measured: String,
+    /// Whether it was met.
+    pub met: bool,
+}
+
+impl Report {
+    /// The table as aligned text.
+    pub fn text(&self) -> String {
+        let mut out = String::new();
+        for line in &self.intro {
+            out.push_str(line);
+            out.push('\n');
+        }
+        out.push('\n');
+        let widths: Vec<usize> = (0..self.columns.len())
+            .map(|i| {
+                self.rows
+                    .iter()
+                    .filter_map(|r| r.get(i))
+                    .chain(std::iter::once(&self.columns[i]))
+                    .map(|c| c.chars().count())
+                    .max()
+                    .unwrap_or(0)
+            })
+            .collect();
+        let line = |cells: &[String]| {
+            let mut l = String::new();
+            for (i, c) in cells.iter().enumerate() {
+                let w = widths.get(i).copied().unwrap_or(0);
+                if i == 0 {
+                    l.push_str(&format!("{c:<w$}"));
+                } else {
+                    l.push_str(&format!("  {c:>w$}"));
+                }
+            }
+            l.trim_end().to_owned() + "\n"
+        };
+        out.push_str(&line(&self.columns));
+        for r in &self.rows {
+            out.push_str(&line(r));
+        }
+        if !self.targets.is_empty() {
+            out.push('\n');
+            for t in &self.targets {
+                let mark = if t.met { "met" } else { "MISSED" };
+                out.push_str(&format!("target: {} -> {} ({mark})\n", t.what, t.measured));
+            }
+        }
+        out
+    }
+
+    /// The table as GitHub markdown.
+    pub fn markdown(&self) -> String {
+        let mut out = String::new();
+        for line in &self.intro {
+            out.push_str(line);
+            out.push_str("\n\n");
+        }
+        out.push_str(&format!("| {} |\n", self.columns.join(" | ")));
+        out.push_str(&format!("|{}\n", "---|".repeat(self.columns.len())));
+        for r in &self.rows {
+            out.push_str(&format!("| {} |\n", r.join(" | ")));
+        }
+        if !self.targets.is_empty() {
+            out.push_str("\n| target | measured | |\n|---|---|---|\n");
+            for t in &self.targets {
+                let mark = if t.met { "met" } else { "**missed**" };
+                out.push_str(&format!("| {} | {} | {mark} |\n", t.what, t.measured));
+            }
+        }
+        out
+    }
+}
+
 /// Microseconds as a float.
 pub fn micros(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6

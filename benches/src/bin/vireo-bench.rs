@@ -25,6 +25,104 @@ enum Command {
     /// The RPC server: vireo on each backend vs a tokio server speaking the same protocol, ECHO
     /// at several client counts and payload sizes, driven by the same load generator.
     Rpc(RpcArgs),
+    /// libevent's bench.c: N socketpairs, A active, W chained writes; dispatch and setup time of
+    /// vireo on every backend beside raw epoll/poll loops, mio, polling and calloop.
+    Pipes(PipesArgs),
+}
+
+/// Output options shared by the subcommands that produce a report.
+#[derive(Debug, Args)]
+struct Output {
+    /// Print one JSON object per result instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Also write SVG charts into this directory.
+    #[arg(long, value_name = "DIR")]
+    plot: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct PipesArgs {
+    /// Numbers of socketpairs (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "100,1000,9900")]
+    pipes: Vec<usize>,
+    /// Parameter sets ACTIVE:WRITES (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1:100,100:1000", value_parser = parse_set)]
+    sets: Vec<(usize, usize)>,
+    /// Measured rounds per point (one warm-up round more is run first).
+    #[arg(long, default_value_t = 25)]
+    rounds: usize,
+    /// A smoke run well under a minute.
+    #[arg(long)]
+    quick: bool,
+    /// Run only these systems (repeatable).
+    #[arg(long = "system", value_name = "NAME")]
+    systems: Vec<String>,
+    #[command(flatten)]
+    out: Output,
+}
+
+fn parse_set(s: &str) -> Result<(usize, usize), String> {
+    let (a, w) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?} is not ACTIVE:WRITES"))?;
+    let a: usize = a.parse().map_err(|e| format!("active {a:?}: {e}"))?;
+    let w: usize = w.parse().map_err(|e| format!("writes {w:?}: {e}"))?;
+    if a == 0 {
+        return Err("active must be at least 1".into());
+    }
+    Ok((a, w))
+}
+
+/// A progress bar on stderr (hidden for JSON output or when stderr is not a terminal).
+fn progress_bar(hidden: bool) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new_spinner();
+    if hidden {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    } else {
+        bar.enable_steady_tick(Duration::from_millis(120));
+    }
+    bar
+}
+
+/// Prints a report as a table or JSON lines, and draws its charts when asked.
+fn emit(report: &vireo_benches::report::Report, out: &Output) -> anyhow::Result<()> {
+    if out.json {
+        for line in &report.json {
+            println!("{line}");
+        }
+    } else {
+        print!("{}", report.text());
+    }
+    if let Some(dir) = &out.plot {
+        for chart in &report.charts {
+            let path = vireo_benches::plot::draw(chart, dir)?;
+            if !out.json {
+                println!("chart: {}", path.display());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn pipes(mut args: PipesArgs) -> anyhow::Result<()> {
+    if args.quick {
+        args.pipes.retain(|&n| n <= 1000);
+        args.rounds = args.rounds.min(4);
+    }
+    if args.rounds == 0 || args.pipes.is_empty() || args.pipes.contains(&0) {
+        bail!("--rounds and every --pipes value must be at least 1");
+    }
+    let bar = progress_bar(args.out.json);
+    let opts = vireo_benches::pipes::PipesOptions {
+        pipes: args.pipes,
+        sets: args.sets,
+        rounds: args.rounds,
+        systems: args.systems,
+    };
+    let report = vireo_benches::pipes::report(&opts, |m| bar.set_message(m.to_owned()))?;
+    bar.finish_and_clear();
+    emit(&report, &args.out)
 }
 
 #[derive(Debug, Args)]
@@ -97,6 +195,7 @@ fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Pool(args) => pool(args),
         Command::Rpc(args) => rpc(args),
+        Command::Pipes(args) => pipes(args),
     }
 }
 

@@ -53,7 +53,7 @@ fn main() -> anyhow::Result<()> {
 
 fn run_all(args: &Args, kinds: &[BackendKind], dir: &std::path::Path) -> anyhow::Result<()> {
     println!(
-        "vireo-demo: {} clients x {} calls in flight, {:.1} s per backend, mix ECHO 64 B : HASH 1 KiB : SLEEP 1 ms : STATS = 8:4:2:1",
+        "vireo-demo: {} clients x {} calls in flight, {:.1} s per backend, mix ECHO 1 KiB : HASH 1 KiB : SLEEP 1 ms : STATS = 8:4:2:1",
         args.clients, args.inflight, args.duration
     );
     println!("server: 5..20 workers + 5 priority workers, max 5 calls in flight per client");

@@ -1,0 +1,716 @@
+//! libevent's classic `bench.c`, on every system side by side.
+//!
+//! N non-blocking AF_UNIX socketpairs; the read end of each is watched for READABLE. Each round
+//! first removes and re-adds every watch and runs one non-blocking iteration (timed as `setup`),
+//! then writes one byte into A evenly spaced pairs; `dispatch` runs non-blocking iterations until
+//! every byte is read, each callback reading one byte and, until W writes were made, writing one
+//! byte to the next pair. The first round is a warm-up and is dropped.
+//!
+//! Systems: vireo on every compiled backend, raw epoll and raw poll loops written directly on
+//! rustix (the floor), mio (edge-triggered: its callback reads until `WouldBlock` and writes once
+//! per byte read, which moves the same bytes), polling in level mode, and calloop.
+
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use rustix::event::{PollFd, PollFlags, Timespec, epoll};
+use rustix::net::{AddressFamily, RecvFlags, SendFlags, SocketFlags, SocketType};
+use vireo_backends::{AnyBackend, BackendKind, Choice};
+use vireo_core::{EventLoop, Events, WatchId};
+
+/// The socketpairs: `(read end, write end)`.
+pub struct Pipes {
+    pairs: Vec<(OwnedFd, OwnedFd)>,
+}
+
+impl Pipes {
+    /// `n` non-blocking socketpairs.
+    ///
+    /// # Errors
+    ///
+    /// When the socketpairs cannot be made (the open-files limit, usually).
+    pub fn new(n: usize) -> io::Result<Pipes> {
+        let pairs = (0..n)
+            .map(|_| {
+                rustix::net::socketpair(
+                    AddressFamily::UNIX,
+                    SocketType::STREAM,
+                    SocketFlags::NONBLOCK | SocketFlags::CLOEXEC,
+                    None,
+                )
+                .map_err(io::Error::from)
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(Pipes { pairs })
+    }
+
+    fn len(&self) -> usize {
+        self.pairs.len()
+    }
+
+    fn reader(&self, i: usize) -> BorrowedFd<'_> {
+        self.pairs[i].0.as_fd()
+    }
+
+    fn writer(&self, i: usize) -> BorrowedFd<'_> {
+        self.pairs[i].1.as_fd()
+    }
+}
+
+/// The counters every system's callback updates (relaxed loads and stores: one thread).
+#[derive(Debug, Default)]
+pub struct Counters {
+    count: AtomicU64,
+    fired: AtomicU64,
+    writes: AtomicU64,
+    events: AtomicU64,
+}
+
+fn bump(a: &AtomicU64, by: u64) {
+    a.store(a.load(Relaxed) + by, Relaxed);
+}
+
+/// bench.c's `read_cb`: read one byte; while writes are left, write one byte to the next pair.
+/// Returns whether a byte was read.
+fn read_cb(pipes: &Pipes, c: &Counters, i: usize) -> bool {
+    let mut ch = [0u8; 1];
+    let got = matches!(
+        rustix::net::recv(pipes.reader(i), &mut ch, RecvFlags::empty()),
+        Ok((1, _))
+    );
+    if got {
+        bump(&c.count, 1);
+    }
+    let writes = c.writes.load(Relaxed);
+    if got && writes > 0 {
+        let next = (i + 1) % pipes.len();
+        let _ = rustix::net::send(pipes.writer(next), b"e", SendFlags::empty());
+        c.writes.store(writes - 1, Relaxed);
+        bump(&c.fired, 1);
+    }
+    got
+}
+
+/// One system under the benchmark.
+pub trait PipeSystem {
+    /// Removes every watch and adds it again.
+    ///
+    /// # Errors
+    ///
+    /// The system's error.
+    fn rewatch(&mut self) -> io::Result<()>;
+    /// One non-blocking iteration that runs the callbacks of ready watches.
+    ///
+    /// # Errors
+    ///
+    /// The system's error.
+    fn turn(&mut self) -> io::Result<()>;
+}
+
+/// The systems: vireo on each compiled backend that starts here, then the others.
+pub fn systems() -> Vec<String> {
+    let mut out: Vec<String> = BackendKind::compiled()
+        .into_iter()
+        .filter(|&k| AnyBackend::with_choice(Choice::Only(k)).is_ok())
+        .map(|k| format!("vireo-{k}"))
+        .collect();
+    out.extend(["raw-epoll", "raw-poll", "mio", "polling", "calloop"].map(String::from));
+    out
+}
+
+/// Starts `name` on `pipes`.
+///
+/// # Errors
+///
+/// Unknown names and the system's own errors.
+pub fn start(name: &str, pipes: &Arc<Pipes>, c: &Arc<Counters>) -> io::Result<Box<dyn PipeSystem>> {
+    let mut sys: Box<dyn PipeSystem> = if let Some(kind) = name.strip_prefix("vireo-") {
+        let backend = AnyBackend::with_choice(Choice::Only(kind.parse()?))?;
+        Box::new(Vireo {
+            lp: EventLoop::with_backend(backend)?,
+            watches: Vec::new(),
+            pipes: Arc::clone(pipes),
+            c: Arc::clone(c),
+        })
+    } else {
+        match name {
+            "raw-epoll" => Box::new(RawEpoll {
+                ep: epoll::create(epoll::CreateFlags::CLOEXEC)?,
+                added: false,
+                buf: Vec::with_capacity(pipes.len().max(1)),
+                pipes: Arc::clone(pipes),
+                c: Arc::clone(c),
+            }),
+            "raw-poll" => Box::new(RawPoll {
+                fds: Vec::new(),
+                pipes: Arc::clone(pipes),
+                c: Arc::clone(c),
+            }),
+            "mio" => Box::new(Mio {
+                poll: mio::Poll::new()?,
+                events: mio::Events::with_capacity(pipes.len().max(1)),
+                added: false,
+                pipes: Arc::clone(pipes),
+                c: Arc::clone(c),
+            }),
+            "polling" => Box::new(Polling {
+                poller: polling::Poller::new()?,
+                events: polling::Events::with_capacity(
+                    std::num::NonZeroUsize::new(pipes.len().max(1)).expect("non-zero"),
+                ),
+                added: false,
+                pipes: Arc::clone(pipes),
+                c: Arc::clone(c),
+            }),
+            "calloop" => Box::new(Calloop {
+                lp: calloop::EventLoop::try_new().map_err(io::Error::other)?,
+                tokens: Vec::new(),
+                pipes: Arc::clone(pipes),
+                c: Arc::clone(c),
+            }),
+            other => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("unknown system {other}"),
+                ));
+            }
+        }
+    };
+    sys.rewatch()?;
+    Ok(sys)
+}
+
+struct Vireo {
+    lp: EventLoop<AnyBackend>,
+    watches: Vec<WatchId>,
+    pipes: Arc<Pipes>,
+    c: Arc<Counters>,
+}
+
+impl PipeSystem for Vireo {
+    fn rewatch(&mut self) -> io::Result<()> {
+        let h = self.lp.handle().clone();
+        for w in self.watches.drain(..) {
+            h.remove_handle(w)?;
+        }
+        for i in 0..self.pipes.len() {
+            let (pipes, c) = (Arc::clone(&self.pipes), Arc::clone(&self.c));
+            let fd = self.pipes.reader(i).as_raw_fd();
+            self.watches
+                .push(h.add_handle(fd, Events::READABLE, move |_, _, _, _| {
+                    bump(&c.events, 1);
+                    read_cb(&pipes, &c, i);
+                })?);
+        }
+        Ok(())
+    }
+
+    fn turn(&mut self) -> io::Result<()> {
+        self.lp.run_once_timeout(Duration::ZERO).map(drop)
+    }
+}
+
+struct RawEpoll {
+    ep: OwnedFd,
+    added: bool,
+    buf: Vec<epoll::Event>,
+    pipes: Arc<Pipes>,
+    c: Arc<Counters>,
+}
+
+impl PipeSystem for RawEpoll {
+    fn rewatch(&mut self) -> io::Result<()> {
+        for i in 0..self.pipes.len() {
+            if self.added {
+                epoll::delete(&self.ep, self.pipes.reader(i))?;
+            }
+            epoll::add(
+                &self.ep,
+                self.pipes.reader(i),
+                epoll::EventData::new_u64(i as u64),
+                epoll::EventFlags::IN,
+            )?;
+        }
+        self.added = true;
+        Ok(())
+    }
+
+    fn turn(&mut self) -> io::Result<()> {
+        self.buf.clear();
+        let zero = Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        epoll::wait(
+            &self.ep,
+            rustix::buffer::spare_capacity(&mut self.buf),
+            Some(&zero),
+        )?;
+        for e in &self.buf {
+            bump(&self.c.events, 1);
+            read_cb(&self.pipes, &self.c, e.data.u64() as usize);
+        }
+        Ok(())
+    }
+}
+
+struct RawPoll {
+    /// Built once per `rewatch`, as a hand-written poll loop keeps its array.
+    fds: Vec<PollFd<'static>>,
+    pipes: Arc<Pipes>,
+    c: Arc<Counters>,
+}
+
+impl PipeSystem for RawPoll {
+    fn rewatch(&mut self) -> io::Result<()> {
+        self.fds = (0..self.pipes.len())
+            .map(|i| {
+                // SAFETY: `Pipes` outlives the array: this system holds an Arc to it, and the
+                // array is a field declared before it, so it is dropped first.
+                let fd = unsafe { BorrowedFd::borrow_raw(self.pipes.reader(i).as_raw_fd()) };
+                PollFd::from_borrowed_fd(fd, PollFlags::IN)
+            })
+            .collect();
+        Ok(())
+    }
+
+    fn turn(&mut self) -> io::Result<()> {
+        let zero = Timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        rustix::event::poll(&mut self.fds, Some(&zero))?;
+        for i in 0..self.fds.len() {
+            if !self.fds[i].revents().is_empty() {
+                bump(&self.c.events, 1);
+                read_cb(&self.pipes, &self.c, i);
+            }
+        }
+        Ok(())
+    }
+}
+
+struct Mio {
+    poll: mio::Poll,
+    events: mio::Events,
+    added: bool,
+    pipes: Arc<Pipes>,
+    c: Arc<Counters>,
+}
+
+impl PipeSystem for Mio {
+    fn rewatch(&mut self) -> io::Result<()> {
+        let r = self.poll.registry();
+        for i in 0..self.pipes.len() {
+            let fd = self.pipes.reader(i).as_raw_fd();
+            if self.added {
+                r.deregister(&mut mio::unix::SourceFd(&fd))?;
+            }
+            r.register(
+                &mut mio::unix::SourceFd(&fd),
+                mio::Token(i),
+                mio::Interest::READABLE,
+            )?;
+        }
+        self.added = true;
+        Ok(())
+    }
+
+    fn turn(&mut self) -> io::Result<()> {
+        self.poll.poll(&mut self.events, Some(Duration::ZERO))?;
+        for e in &self.events {
+            bump(&self.c.events, 1);
+            // Edge-triggered: read (and pass on) every byte that is there.
+            while read_cb(&self.pipes, &self.c, e.token().0) {}
+        }
+        Ok(())
+    }
+}
+
+struct Polling {
+    poller: polling::Poller,
+    events: polling::Events,
+    added: bool,
+    pipes: Arc<Pipes>,
+    c: Arc<Counters>,
+}
+
+impl PipeSystem for Polling {
+    fn rewatch(&mut self) -> io::Result<()> {
+        for i in 0..self.pipes.len() {
+            let fd = self.pipes.reader(i);
+            if self.added {
+                self.poller.delete(fd)?;
+            }
+            // SAFETY: the fd is deleted from the poller (above, or when the poller is dropped
+            // with this system) before `Pipes`, which this system keeps alive, closes it.
+            unsafe {
+                self.poller.add_with_mode(
+                    fd.as_raw_fd(),
+                    polling::Event::readable(i),
+                    polling::PollMode::Level,
+                )?;
+            }
+        }
+        self.added = true;
+        Ok(())
+    }
+
+    fn turn(&mut self) -> io::Result<()> {
+        self.events.clear();
+        self.poller.wait(&mut self.events, Some(Duration::ZERO))?;
+        for e in self.events.iter() {
+            bump(&self.c.events, 1);
+            read_cb(&self.pipes, &self.c, e.key);
+        }
+        Ok(())
+    }
+}
+
+struct Calloop {
+    lp: calloop::EventLoop<'static, ()>,
+    tokens: Vec<calloop::RegistrationToken>,
+    pipes: Arc<Pipes>,
+    c: Arc<Counters>,
+}
+
+impl PipeSystem for Calloop {
+    fn rewatch(&mut self) -> io::Result<()> {
+        let h = self.lp.handle();
+        for t in self.tokens.drain(..) {
+            h.remove(t);
+        }
+        for i in 0..self.pipes.len() {
+            // SAFETY: `Pipes` outlives the loop: this system holds an Arc to it and drops the
+            // loop (and every source) first, as fields drop in declaration order.
+            let fd: BorrowedFd<'static> =
+                unsafe { BorrowedFd::borrow_raw(self.pipes.reader(i).as_raw_fd()) };
+            let source =
+                calloop::generic::Generic::new(fd, calloop::Interest::READ, calloop::Mode::Level);
+            let (pipes, c) = (Arc::clone(&self.pipes), Arc::clone(&self.c));
+            let token = h
+                .insert_source(source, move |_, _, _| {
+                    bump(&c.events, 1);
+                    read_cb(&pipes, &c, i);
+                    Ok(calloop::PostAction::Continue)
+                })
+                .map_err(|e| io::Error::other(e.error))?;
+            self.tokens.push(token);
+        }
+        Ok(())
+    }
+
+    fn turn(&mut self) -> io::Result<()> {
+        self.lp
+            .dispatch(Some(Duration::ZERO), &mut ())
+            .map_err(io::Error::other)
+    }
+}
+
+/// One round's measurements.
+#[derive(Debug, Clone, Copy)]
+pub struct Round {
+    /// Removing and re-adding every watch, plus one non-blocking iteration.
+    pub setup: Duration,
+    /// Iterations until every byte was read.
+    pub dispatch: Duration,
+    /// Callbacks run during dispatch.
+    pub events: u64,
+    /// Iterations during dispatch.
+    pub iterations: u64,
+}
+
+/// Runs one round of bench.c with `active` first writes and `writes` chained writes.
+///
+/// # Errors
+///
+/// The system's errors; `TimedOut` when the bytes are not all read within a minute (a lost
+/// event).
+pub fn round(
+    sys: &mut dyn PipeSystem,
+    pipes: &Pipes,
+    c: &Counters,
+    active: usize,
+    writes: usize,
+) -> io::Result<Round> {
+    let started = Instant::now();
+    sys.rewatch()?;
+    sys.turn()?;
+    let setup = started.elapsed();
+    c.count.store(0, Relaxed);
+    c.events.store(0, Relaxed);
+    c.writes.store(writes as u64, Relaxed);
+    let space = (pipes.len() / active.max(1)).max(1);
+    let mut fired = 0;
+    for i in 0..active.min(pipes.len()) {
+        rustix::net::send(pipes.writer(i * space), b"e", SendFlags::empty())?;
+        fired += 1;
+    }
+    c.fired.store(fired, Relaxed);
+    let started = Instant::now();
+    let mut iterations = 0;
+    while c.count.load(Relaxed) != c.fired.load(Relaxed) {
+        sys.turn()?;
+        iterations += 1;
+        if iterations % 1024 == 0 && started.elapsed() > Duration::from_secs(60) {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "{} of {} bytes read after a minute",
+                    c.count.load(Relaxed),
+                    c.fired.load(Relaxed)
+                ),
+            ));
+        }
+    }
+    Ok(Round {
+        setup,
+        dispatch: started.elapsed(),
+        events: c.events.load(Relaxed),
+        iterations,
+    })
+}
+
+/// What `vireo-bench pipes` runs.
+#[derive(Debug, Clone)]
+pub struct PipesOptions {
+    /// Numbers of socketpairs.
+    pub pipes: Vec<usize>,
+    /// `(active, writes)` parameter sets.
+    pub sets: Vec<(usize, usize)>,
+    /// Measured rounds per point (one more is run first as a warm-up).
+    pub rounds: usize,
+    /// Systems to run (all when empty).
+    pub systems: Vec<String>,
+}
+
+impl Default for PipesOptions {
+    fn default() -> PipesOptions {
+        PipesOptions {
+            pipes: vec![100, 1000, 9900],
+            sets: vec![(1, 100), (100, 1000)],
+            rounds: 25,
+            systems: Vec::new(),
+        }
+    }
+}
+
+/// Raises the soft open-files limit to at least `want` if the hard limit allows; returns the
+/// soft limit now in force.
+pub fn raise_fd_limit(want: u64) -> u64 {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut l = getrlimit(Resource::Nofile);
+    let target = l.maximum.map_or(want, |max| max.min(want));
+    if l.current.is_some_and(|cur| cur < target) {
+        l.current = Some(target);
+        let _ = setrlimit(Resource::Nofile, l);
+    }
+    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
+}
+
+/// Runs the benchmark and reports it.
+///
+/// # Errors
+///
+/// An unknown system, socketpairs that cannot be made, or a system's error.
+pub fn report(
+    opts: &PipesOptions,
+    mut progress: impl FnMut(&str),
+) -> io::Result<crate::report::Report> {
+    use crate::report::{Chart, Report, Target, median};
+
+    let all = systems();
+    for s in &opts.systems {
+        if !all.contains(s) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "unknown or unavailable system {s:?}: choose from {}",
+                    all.join(", ")
+                ),
+            ));
+        }
+    }
+    let chosen: Vec<String> = all
+        .into_iter()
+        .filter(|s| opts.systems.is_empty() || opts.systems.contains(s))
+        .collect();
+    let mut rep = Report {
+        bench: "pipes".into(),
+        intro: vec![format!(
+            "vireo-bench pipes: libevent's bench.c; medians of {} rounds (after one warm-up); \
+             dispatch = until every byte is read, setup = remove and re-add every watch + one \
+             non-blocking iteration",
+            opts.rounds
+        )],
+        columns: [
+            "pipes",
+            "active",
+            "writes",
+            "system",
+            "dispatch us",
+            "x raw-epoll",
+            "setup us",
+            "x raw-epoll",
+            "events",
+            "iterations",
+        ]
+        .map(String::from)
+        .to_vec(),
+        ..Report::default()
+    };
+    let mut dispatch_chart = Chart {
+        name: "pipes-dispatch".into(),
+        title: "pipes: dispatch time (lower is better)".into(),
+        y_label: "microseconds".into(),
+        groups: Vec::new(),
+    };
+    let mut setup_chart = Chart {
+        name: "pipes-setup".into(),
+        title: "pipes: remove + re-add every watch (lower is better)".into(),
+        y_label: "microseconds".into(),
+        groups: Vec::new(),
+    };
+    // (pipes, active, writes) -> system -> (dispatch, setup)
+    let mut medians: Vec<((usize, usize, usize), Vec<(String, f64, f64)>)> = Vec::new();
+    let limit = raise_fd_limit(2 * opts.pipes.iter().copied().max().unwrap_or(0) as u64 + 256);
+    for &n in &opts.pipes {
+        if (2 * n as u64 + 64) > limit {
+            rep.intro.push(format!(
+                "skipped {n} pipes: the open-files limit is {limit} (raise `ulimit -n`)"
+            ));
+            continue;
+        }
+        let pipes = Arc::new(Pipes::new(n)?);
+        let c = Arc::new(Counters::default());
+        for &(active, writes) in &opts.sets {
+            let mut row = Vec::new();
+            for name in &chosen {
+                progress(&format!(
+                    "{name}: {n} pipes, {active} active, {writes} writes"
+                ));
+                let mut sys = start(name, &pipes, &c)?;
+                let mut dispatch = Vec::new();
+                let mut setup = Vec::new();
+                let mut events = 0;
+                let mut iterations = 0;
+                for r in 0..=opts.rounds {
+                    let got = round(sys.as_mut(), &pipes, &c, active, writes)?;
+                    if r > 0 {
+                        dispatch.push(got.dispatch.as_secs_f64() * 1e6);
+                        setup.push(got.setup.as_secs_f64() * 1e6);
+                        events += got.events;
+                        iterations += got.iterations;
+                    }
+                }
+                drop(sys);
+                let rounds = opts.rounds.max(1) as u64;
+                let (d, s) = (median(&mut dispatch), median(&mut setup));
+                rep.json.push(serde_json::json!({
+                    "bench": "pipes", "system": name,
+                    "backend": name.strip_prefix("vireo-").unwrap_or(""),
+                    "pipes": n, "active": active, "writes": writes, "rounds": opts.rounds,
+                    "dispatch_us_median": d, "setup_us_median": s,
+                    "events": events / rounds, "iterations": iterations / rounds,
+                }));
+                row.push((name.clone(), d, s, events / rounds, iterations / rounds));
+            }
+            let floor = |col: usize| {
+                row.iter()
+                    .find(|r| r.0 == "raw-epoll")
+                    .map_or(f64::NAN, |r| if col == 0 { r.1 } else { r.2 })
+            };
+            for (name, d, s, ev, it) in &row {
+                rep.rows.push(vec![
+                    n.to_string(),
+                    active.to_string(),
+                    writes.to_string(),
+                    name.clone(),
+                    format!("{d:.1}"),
+                    format!("{:.2}", d / floor(0)),
+                    format!("{s:.1}"),
+                    format!("{:.3}", s / floor(1)),
+                    ev.to_string(),
+                    it.to_string(),
+                ]);
+            }
+            let group = format!("{n}/{active}/{writes}");
+            dispatch_chart.groups.push((
+                group.clone(),
+                row.iter().map(|r| (r.0.clone(), r.1)).collect(),
+            ));
+            setup_chart
+                .groups
+                .push((group, row.iter().map(|r| (r.0.clone(), r.2)).collect()));
+            medians.push((
+                (n, active, writes),
+                row.iter().map(|r| (r.0.clone(), r.1, r.2)).collect(),
+            ));
+        }
+    }
+    // Targets: the worst ratio over every parameter set.
+    let ratio = |a: &str, b: &str, col: usize| -> Option<f64> {
+        medians
+            .iter()
+            .filter_map(|(_, row)| {
+                let get = |name: &str| {
+                    row.iter()
+                        .find(|r| r.0 == name)
+                        .map(|r| if col == 0 { r.1 } else { r.2 })
+                };
+                Some(get(a)? / get(b)?)
+            })
+            .reduce(f64::max)
+    };
+    for (a, b, col, limit, what) in [
+        (
+            "vireo-epoll",
+            "raw-epoll",
+            0,
+            1.10,
+            "vireo-epoll dispatch <= 1.10x raw epoll",
+        ),
+        (
+            "vireo-poll",
+            "raw-poll",
+            0,
+            1.10,
+            "vireo-poll dispatch <= 1.10x raw poll",
+        ),
+        (
+            "vireo-io-uring",
+            "vireo-epoll",
+            0,
+            1.05,
+            "vireo-io-uring dispatch <= 1.05x vireo-epoll",
+        ),
+        ("vireo-epoll", "mio", 0, 1.0, "vireo-epoll dispatch <= mio"),
+        (
+            "vireo-epoll",
+            "calloop",
+            0,
+            1.0,
+            "vireo-epoll dispatch <= calloop",
+        ),
+        (
+            "vireo-epoll",
+            "raw-epoll",
+            1,
+            0.10,
+            "vireo-epoll setup <= 0.10x raw epoll DEL+ADD",
+        ),
+    ] {
+        if let Some(r) = ratio(a, b, col) {
+            rep.targets.push(Target {
+                what: what.into(),
+                measured: format!("worst {r:.2}x over the parameter sets"),
+                met: r <= limit,
+            });
+        }
+    }
+    rep.charts = vec![dispatch_chart, setup_chart];
+    Ok(rep)
+}
