@@ -10,3 +10,5 @@ pub mod plot;
 pub mod pool;
 pub mod report;
 pub mod rpc;
+pub mod timers;
+pub mod wake;

@@ -474,6 +474,12 @@ pub fn round(
     })
 }
 
+/// `(pipes, active, writes)`.
+type PointKey = (usize, usize, usize);
+
+/// `(system, dispatch µs, setup µs)`.
+type SystemMedians = (String, f64, f64);
+
 /// What `vireo-bench pipes` runs.
 #[derive(Debug, Clone)]
 pub struct PipesOptions {
@@ -575,7 +581,7 @@ pub fn report(
         groups: Vec::new(),
     };
     // (pipes, active, writes) -> system -> (dispatch, setup)
-    let mut medians: Vec<((usize, usize, usize), Vec<(String, f64, f64)>)> = Vec::new();
+    let mut medians: Vec<(PointKey, Vec<SystemMedians>)> = Vec::new();
     let limit = raise_fd_limit(2 * opts.pipes.iter().copied().max().unwrap_or(0) as u64 + 256);
     for &n in &opts.pipes {
         if (2 * n as u64 + 64) > limit {

@@ -28,6 +28,91 @@ enum Command {
     /// libevent's bench.c: N socketpairs, A active, W chained writes; dispatch and setup time of
     /// vireo on every backend beside raw epoll/poll loops, mio, polling and calloop.
     Pipes(PipesArgs),
+    /// Timers: add + cancel of many timers, and thousands of periodic timers (CPU per firing,
+    /// lateness, never early); vireo on every backend beside calloop.
+    Timers(TimersArgs),
+    /// Waking a sleeping loop from another thread: latency and throughput of vireo's invoke
+    /// (and update_handle) beside mio's Waker + channel and calloop's channel.
+    Wake(WakeArgs),
+}
+
+#[derive(Debug, Args)]
+struct WakeArgs {
+    /// Latency samples per system.
+    #[arg(long, default_value_t = 2000)]
+    samples: usize,
+    /// Messages per sending thread in the throughput runs.
+    #[arg(long, default_value_t = 200_000)]
+    messages: usize,
+    /// A smoke run well under a minute.
+    #[arg(long)]
+    quick: bool,
+    /// Run only these systems (repeatable).
+    #[arg(long = "system", value_name = "NAME")]
+    systems: Vec<String>,
+    #[command(flatten)]
+    out: Output,
+}
+
+fn wake(mut args: WakeArgs) -> anyhow::Result<()> {
+    if args.quick {
+        args.samples = args.samples.min(200);
+        args.messages = args.messages.min(20_000);
+    }
+    if args.samples == 0 || args.messages == 0 {
+        bail!("--samples and --messages must be at least 1");
+    }
+    let bar = progress_bar(args.out.json);
+    let opts = vireo_benches::wake::WakeOptions {
+        samples: args.samples,
+        messages: args.messages,
+        systems: args.systems,
+    };
+    let report = vireo_benches::wake::report(&opts, |m| bar.set_message(m.to_owned()))?;
+    bar.finish_and_clear();
+    emit(&report, &args.out)
+}
+
+#[derive(Debug, Args)]
+struct TimersArgs {
+    /// Timers added, then cancelled.
+    #[arg(long, default_value_t = 1_000_000)]
+    add_cancel: usize,
+    /// Periodic timers of 1-10 ms.
+    #[arg(long, default_value_t = 10_000)]
+    periodic: usize,
+    /// Seconds the periodic timers run.
+    #[arg(long, default_value_t = 2.0)]
+    duration: f64,
+    /// A smoke run well under a minute.
+    #[arg(long)]
+    quick: bool,
+    /// Run only these systems (repeatable).
+    #[arg(long = "system", value_name = "NAME")]
+    systems: Vec<String>,
+    #[command(flatten)]
+    out: Output,
+}
+
+fn timers(mut args: TimersArgs) -> anyhow::Result<()> {
+    if args.quick {
+        args.add_cancel = args.add_cancel.min(100_000);
+        args.periodic = args.periodic.min(1000);
+        args.duration = args.duration.min(0.5);
+    }
+    if !(args.duration > 0.0 && args.duration.is_finite()) || args.add_cancel == 0 {
+        bail!("--duration must be positive and --add-cancel at least 1");
+    }
+    let bar = progress_bar(args.out.json);
+    let opts = vireo_benches::timers::TimersOptions {
+        add_cancel: args.add_cancel,
+        periodic: args.periodic,
+        duration: Duration::from_secs_f64(args.duration),
+        systems: args.systems,
+    };
+    let report = vireo_benches::timers::report(&opts, |m| bar.set_message(m.to_owned()))?;
+    bar.finish_and_clear();
+    emit(&report, &args.out)
 }
 
 /// Output options shared by the subcommands that produce a report.
@@ -196,6 +281,8 @@ fn main() -> anyhow::Result<()> {
         Command::Pool(args) => pool(args),
         Command::Rpc(args) => rpc(args),
         Command::Pipes(args) => pipes(args),
+        Command::Timers(args) => timers(args),
+        Command::Wake(args) => wake(args),
     }
 }
 
