@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::bail;
 use clap::{Args, Parser, Subcommand};
 use vireo_benches::pool::{SYSTEMS, System, Workload, throughput, wake_latency};
-use vireo_benches::report::{median, micros, percentile};
+use vireo_benches::report::{Chart, Report, Target, median, micros, percentile};
 
 /// Side-by-side benchmarks of vireo: every subcommand compares systems in one run and prints a
 /// table with ratios (or JSON lines with --json).
@@ -34,6 +34,164 @@ enum Command {
     /// Waking a sleeping loop from another thread: latency and throughput of vireo's invoke
     /// (and update_handle) beside mio's Waker + channel and calloop's channel.
     Wake(WakeArgs),
+    /// Every benchmark above at moderate sizes: a markdown report (the body of BENCHMARKS.md)
+    /// and SVG charts.
+    Compare(CompareArgs),
+}
+
+#[derive(Debug, Args)]
+struct CompareArgs {
+    /// Where to write the markdown report.
+    #[arg(
+        long,
+        value_name = "FILE",
+        default_value = "target/vireo-bench/compare.md"
+    )]
+    out: std::path::PathBuf,
+    /// Where to write the SVG charts (default: a `plots` folder beside the report).
+    #[arg(long, value_name = "DIR")]
+    plot: Option<std::path::PathBuf>,
+    /// A smoke run well under a minute.
+    #[arg(long)]
+    quick: bool,
+}
+
+fn compare(args: CompareArgs) -> anyhow::Result<()> {
+    let q = args.quick;
+    let bar = progress_bar(false);
+    let progress = |bench: &str, m: &str| bar.set_message(format!("{bench}: {m}"));
+    let mut reports = Vec::new();
+    reports.push(vireo_benches::pipes::report(
+        &vireo_benches::pipes::PipesOptions {
+            pipes: if q { vec![100] } else { vec![100, 1000, 9900] },
+            rounds: if q { 3 } else { 10 },
+            ..Default::default()
+        },
+        |m| progress("pipes", m),
+    )?);
+    reports.push(vireo_benches::timers::report(
+        &vireo_benches::timers::TimersOptions {
+            add_cancel: if q { 20_000 } else { 200_000 },
+            periodic: if q { 200 } else { 2000 },
+            duration: Duration::from_secs_f64(if q { 0.3 } else { 1.0 }),
+            systems: Vec::new(),
+        },
+        |m| progress("timers", m),
+    )?);
+    reports.push(vireo_benches::wake::report(
+        &vireo_benches::wake::WakeOptions {
+            samples: if q { 200 } else { 1000 },
+            messages: if q { 10_000 } else { 100_000 },
+            systems: Vec::new(),
+        },
+        |m| progress("wake", m),
+    )?);
+    let hidden = Output {
+        json: false,
+        plot: None,
+    };
+    reports.push(pool_report(
+        &mut PoolArgs {
+            workers: 2,
+            jobs: if q { 100_000 } else { 500_000 },
+            spin_jobs: if q { 20_000 } else { 100_000 },
+            runs: if q { 1 } else { 3 },
+            latency_samples: if q { 100 } else { 500 },
+            quick: false,
+            out: Output { ..hidden },
+            systems: Vec::new(),
+        },
+        &|m| progress("pool", m),
+    )?);
+    reports.push(rpc_report(
+        &mut RpcArgs {
+            clients: if q { vec![16] } else { vec![1, 16, 64] },
+            payloads: if q { vec![64] } else { vec![64, 16384] },
+            inflight: 4,
+            duration: if q { 0.3 } else { 1.0 },
+            runs: 1,
+            workers: 2,
+            quick: false,
+            systems: Vec::new(),
+            out: Output {
+                json: false,
+                plot: None,
+            },
+        },
+        &|m| progress("rpc", m),
+    )?);
+    bar.finish_and_clear();
+
+    let plot_dir = args.plot.clone().unwrap_or_else(|| {
+        args.out
+            .parent()
+            .unwrap_or(std::path::Path::new("."))
+            .join("plots")
+    });
+    let report_dir = args.out.parent().unwrap_or(std::path::Path::new("."));
+    std::fs::create_dir_all(report_dir)?;
+    let mut md = String::new();
+    md.push_str(&format!(
+        "## `vireo-bench compare{}`\n\n{}\n\n",
+        if q { " --quick" } else { "" },
+        machine()
+    ));
+    let mut targets = Vec::new();
+    for r in &reports {
+        md.push_str(&format!("### {}\n\n{}\n", r.bench, r.markdown()));
+        for chart in &r.charts {
+            let path = vireo_benches::plot::draw(chart, &plot_dir)?;
+            let rel = pathdiff(&path, report_dir);
+            md.push_str(&format!("![{}]({})\n\n", chart.title, rel));
+        }
+        targets.extend(r.targets.iter().map(|t| (r.bench.clone(), t.clone())));
+    }
+    md.push_str("### Targets\n\n| bench | target | measured | |\n|---|---|---|---|\n");
+    for (bench, t) in &targets {
+        let mark = if t.met { "met" } else { "**missed**" };
+        md.push_str(&format!(
+            "| {bench} | {} | {} | {mark} |\n",
+            t.what, t.measured
+        ));
+    }
+    std::fs::write(&args.out, &md)?;
+    for r in &reports {
+        println!("== {} ==", r.bench);
+        print!("{}", r.text());
+        println!();
+    }
+    println!("report: {}", args.out.display());
+    println!("charts: {}", plot_dir.display());
+    Ok(())
+}
+
+/// `path` relative to `base` when it lies below it, else as given.
+fn pathdiff(path: &std::path::Path, base: &std::path::Path) -> String {
+    path.strip_prefix(base)
+        .unwrap_or(path)
+        .display()
+        .to_string()
+}
+
+/// The machine, for the report: CPUs, kernel, date.
+fn machine() -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let uname = rustix::system::uname();
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, m)| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    format!(
+        "Machine: {cpus} CPUs ({model}), {} {} {}.",
+        uname.sysname().to_string_lossy(),
+        uname.release().to_string_lossy(),
+        uname.machine().to_string_lossy()
+    )
 }
 
 #[derive(Debug, Args)]
@@ -233,12 +391,11 @@ struct RpcArgs {
     /// A smoke run well under a minute.
     #[arg(long)]
     quick: bool,
-    /// Print one JSON object per result instead of the table.
-    #[arg(long)]
-    json: bool,
     /// Run only these systems (repeatable): vireo-<backend> or tokio.
     #[arg(long = "system", value_name = "NAME")]
     systems: Vec<String>,
+    #[command(flatten)]
+    out: Output,
 }
 
 #[derive(Debug, Args)]
@@ -261,9 +418,8 @@ struct PoolArgs {
     /// A smoke run well under a minute (fewer jobs and runs).
     #[arg(long)]
     quick: bool,
-    /// Print one JSON object per result instead of the table.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    out: Output,
     /// Run only these systems (repeatable; for profiling one of them). Ratio columns need the
     /// baseline systems in the run.
     #[arg(long = "system", value_name = "NAME", value_parser = clap::builder::PossibleValuesParser::new(SYSTEMS))]
@@ -283,10 +439,11 @@ fn main() -> anyhow::Result<()> {
         Command::Pipes(args) => pipes(args),
         Command::Timers(args) => timers(args),
         Command::Wake(args) => wake(args),
+        Command::Compare(args) => compare(args),
     }
 }
 
-fn pool(mut args: PoolArgs) -> anyhow::Result<()> {
+fn pool_report(args: &mut PoolArgs, progress: &dyn Fn(&str)) -> anyhow::Result<Report> {
     if args.quick {
         args.jobs = args.jobs.min(200_000);
         args.spin_jobs = args.spin_jobs.min(50_000);
@@ -316,6 +473,7 @@ fn pool(mut args: PoolArgs) -> anyhow::Result<()> {
         ] {
             for i in 0..chosen.len() {
                 let name = chosen[(i + run) % chosen.len()];
+                progress(&format!("{name}, {} jobs", workload.name()));
                 let system = System::start(name, args.workers);
                 let took = throughput(&system, workload, jobs);
                 system.shutdown();
@@ -382,87 +540,118 @@ fn pool(mut args: PoolArgs) -> anyhow::Result<()> {
     };
     let (mutex_empty, chan_empty) = (base("mutex-condvar", 0), base("crossbeam-channel", 0));
     let (mutex_spin, chan_spin) = (base("mutex-condvar", 1), base("crossbeam-channel", 1));
-
-    if args.json {
-        for (system, empty, spin, i50, i99, b50, b99) in &rows {
-            for (workload, rate, vs_mutex, vs_chan, jobs) in [
-                (
-                    "empty",
-                    empty,
-                    empty / mutex_empty,
-                    empty / chan_empty,
-                    args.jobs,
-                ),
-                (
-                    "1us",
-                    spin,
-                    spin / mutex_spin,
-                    spin / chan_spin,
-                    args.spin_jobs,
-                ),
-            ] {
-                let line = serde_json::json!({
-                    "bench": "pool", "system": system, "workload": workload,
-                    "workers": args.workers, "jobs": jobs, "runs": args.runs,
-                    "jobs_per_sec_median": rate, "ratio_vs_mutex_condvar": vs_mutex,
-                    "ratio_vs_crossbeam_channel": vs_chan,
-                });
-                println!("{line}");
-            }
-            let line = serde_json::json!({
-                "bench": "pool", "system": system, "workload": "wake_latency",
-                "workers": args.workers, "samples": args.latency_samples * args.runs,
-                "idle_p50_us": micros(*i50), "idle_p99_us": micros(*i99),
-                "burst_p50_us": micros(*b50), "burst_p99_us": micros(*b99),
-            });
-            println!("{line}");
-        }
-        return Ok(());
-    }
-
-    println!(
-        "vireo-bench pool: 1 producer, {} workers, {} runs (medians); {} empty jobs, {} jobs of ~1 us; \
-         latency over {} jobs per run",
-        args.workers, args.runs, args.jobs, args.spin_jobs, args.latency_samples
-    );
-    println!();
-    println!(
-        "{:<28}{:>12}{:>9}{:>9}{:>12}{:>9}{:>9}{:>10}{:>10}{:>10}{:>10}",
-        "system",
-        "empty Mj/s",
-        "x mutex",
-        "x chan",
-        "1us Mj/s",
-        "x mutex",
-        "x chan",
-        "idle p50",
-        "idle p99",
-        "burst p50",
-        "burst p99"
-    );
+    let mut rep = Report {
+        bench: "pool".into(),
+        intro: vec![format!(
+            "vireo-bench pool: 1 producer, {} workers, {} runs (medians, after a warm-up round); \
+             {} empty jobs, {} jobs of ~1 us; latency over {} jobs per run",
+            args.workers, args.runs, args.jobs, args.spin_jobs, args.latency_samples
+        )],
+        columns: [
+            "system",
+            "empty Mj/s",
+            "x mutex",
+            "x chan",
+            "1us Mj/s",
+            "x mutex",
+            "x chan",
+            "idle p50 us",
+            "idle p99 us",
+            "burst p50 us",
+            "burst p99 us",
+        ]
+        .map(String::from)
+        .to_vec(),
+        ..Report::default()
+    };
+    let mut chart = Chart {
+        name: "pool-throughput".into(),
+        title: "pool: empty jobs per second, 1 producer (higher is better)".into(),
+        y_label: "million jobs/s".into(),
+        groups: vec![("empty".into(), Vec::new()), ("~1 us".into(), Vec::new())],
+    };
     for (system, empty, spin, i50, i99, b50, b99) in &rows {
-        println!(
-            "{:<28}{:>12.2}{:>9.2}{:>9.2}{:>12.3}{:>9.2}{:>9.2}{:>8.1}us{:>8.1}us{:>8.1}us{:>8.1}us",
-            system,
-            empty / 1e6,
-            empty / mutex_empty,
-            empty / chan_empty,
-            spin / 1e6,
-            spin / mutex_spin,
-            spin / chan_spin,
-            micros(*i50),
-            micros(*i99),
-            micros(*b50),
-            micros(*b99),
-        );
+        rep.rows.push(vec![
+            system.to_string(),
+            format!("{:.2}", empty / 1e6),
+            format!("{:.2}", empty / mutex_empty),
+            format!("{:.2}", empty / chan_empty),
+            format!("{:.3}", spin / 1e6),
+            format!("{:.2}", spin / mutex_spin),
+            format!("{:.2}", spin / chan_spin),
+            format!("{:.1}", micros(*i50)),
+            format!("{:.1}", micros(*i99)),
+            format!("{:.1}", micros(*b50)),
+            format!("{:.1}", micros(*b99)),
+        ]);
+        chart.groups[0].1.push((system.to_string(), empty / 1e6));
+        chart.groups[1].1.push((system.to_string(), spin / 1e6));
+        for (workload, rate, vs_mutex, vs_chan, jobs) in [
+            (
+                "empty",
+                empty,
+                empty / mutex_empty,
+                empty / chan_empty,
+                args.jobs,
+            ),
+            (
+                "1us",
+                spin,
+                spin / mutex_spin,
+                spin / chan_spin,
+                args.spin_jobs,
+            ),
+        ] {
+            rep.json.push(serde_json::json!({
+                "bench": "pool", "system": system, "workload": workload,
+                "workers": args.workers, "jobs": jobs, "runs": args.runs,
+                "jobs_per_sec_median": rate, "ratio_vs_mutex_condvar": vs_mutex,
+                "ratio_vs_crossbeam_channel": vs_chan,
+            }));
+        }
+        rep.json.push(serde_json::json!({
+            "bench": "pool", "system": system, "workload": "wake_latency",
+            "workers": args.workers, "samples": args.latency_samples * args.runs,
+            "idle_p50_us": micros(*i50), "idle_p99_us": micros(*i99),
+            "burst_p50_us": micros(*b50), "burst_p99_us": micros(*b99),
+        }));
     }
-    Ok(())
+    if let Some(v) = rows.iter().find(|r| r.0 == "vireo-pool") {
+        rep.targets.push(Target {
+            what: "empty jobs >= 2x mutex-condvar".into(),
+            measured: format!("{:.2}x", v.1 / mutex_empty),
+            met: v.1 >= 2.0 * mutex_empty,
+        });
+        rep.targets.push(Target {
+            what: "empty jobs >= 1x crossbeam-channel".into(),
+            measured: format!("{:.2}x", v.1 / chan_empty),
+            met: v.1 >= chan_empty,
+        });
+        let lowest = rows
+            .iter()
+            .filter(|r| r.0 != "vireo-pool (32 B captured)")
+            .all(|r| v.6 <= r.6);
+        rep.targets.push(Target {
+            what: "lowest burst p99".into(),
+            measured: format!("{:.1} us", micros(v.6)),
+            met: lowest,
+        });
+    }
+    rep.charts = vec![chart];
+    Ok(rep)
+}
+
+fn pool(mut args: PoolArgs) -> anyhow::Result<()> {
+    let bar = progress_bar(args.out.json);
+    let report = pool_report(&mut args, &|m| bar.set_message(m.to_owned()))?;
+    bar.finish_and_clear();
+    emit(&report, &args.out)
 }
 
 /// One run of one system at one point: requests/s, p50 and p99 in µs, errors.
 type RpcRun = (f64, u64, u64, u64);
 
-fn rpc(mut args: RpcArgs) -> anyhow::Result<()> {
+fn rpc_report(args: &mut RpcArgs, progress: &dyn Fn(&str)) -> anyhow::Result<Report> {
     use vireo_benches::rpc;
     use vireo_rpc::load::{LoadConfig, run_load};
 
@@ -499,17 +688,13 @@ fn rpc(mut args: RpcArgs) -> anyhow::Result<()> {
         .iter()
         .flat_map(|&c| args.payloads.iter().map(move |&p| (c, p)))
         .collect();
-    let bar = indicatif::ProgressBar::new((points.len() * chosen.len() * args.runs) as u64);
-    if args.json {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
     // (clients, payload) -> system -> runs
     let mut results: BTreeMap<(usize, usize), BTreeMap<String, Vec<RpcRun>>> = BTreeMap::new();
     for &(clients, payload) in &points {
         for run in 0..args.runs {
             for i in 0..chosen.len() {
                 let name = &chosen[(i + run) % chosen.len()];
-                bar.set_message(format!("{name}, {clients} clients, {payload} B"));
+                progress(&format!("{name}, {clients} clients, {payload} B"));
                 let path = dir.join(format!("{name}.sock"));
                 let (server, addr) = rpc::start(name, &path, args.workers)?;
                 let mut cfg = LoadConfig::new(addr);
@@ -532,25 +717,31 @@ fn rpc(mut args: RpcArgs) -> anyhow::Result<()> {
                         report.latency_us(99.0),
                         report.errors,
                     ));
-                bar.inc(1);
             }
         }
     }
-    bar.finish_and_clear();
     let _ = std::fs::remove_dir_all(&dir);
 
-    if !args.json {
-        println!(
-            "vireo-bench rpc: ECHO, {} calls in flight per client, {:.1} s per point, medians of {} runs; \
-             {} server workers; load generator: one vireo loop thread",
+    let mut rep = Report {
+        bench: "rpc".into(),
+        intro: vec![format!(
+            "vireo-bench rpc: ECHO, {} calls in flight per client, {:.1} s per point, medians of \
+             {} runs; {} server workers; load generator: one vireo loop thread",
             args.inflight, args.duration, args.runs, args.workers
-        );
-        println!();
-        println!(
-            "{:>7} {:>8}  {:<16}{:>12}{:>10}{:>10}{:>9}{:>8}",
-            "clients", "payload", "system", "req/s", "p50", "p99", "x tokio", "errors"
-        );
-    }
+        )],
+        columns: [
+            "clients", "payload", "system", "req/s", "p50 us", "p99 us", "x tokio", "errors",
+        ]
+        .map(String::from)
+        .to_vec(),
+        ..Report::default()
+    };
+    let mut chart = Chart {
+        name: "rpc-throughput".into(),
+        title: "rpc: ECHO requests per second (higher is better)".into(),
+        y_label: "thousand requests/s".into(),
+        groups: Vec::new(),
+    };
     for ((clients, payload), by_system) in &mut results {
         let mut rows = Vec::new();
         for (name, runs) in by_system.iter_mut() {
@@ -566,34 +757,60 @@ fn rpc(mut args: RpcArgs) -> anyhow::Result<()> {
                 errors,
             ));
         }
-        let tokio = rows
-            .iter()
-            .find(|r| r.0 == "tokio")
-            .map_or(f64::NAN, |r| r.1);
-        for (name, rate, p50, p99, errors) in rows {
-            if args.json {
-                let line = serde_json::json!({
-                    "bench": "rpc", "system": name, "procedure": "echo",
-                    "clients": clients, "payload": payload, "inflight": args.inflight,
-                    "duration_s": args.duration, "runs": args.runs, "workers": args.workers,
-                    "requests_per_sec_median": rate, "p50_us_median": p50,
-                    "p99_us_median": p99, "ratio_vs_tokio": rate / tokio, "errors": errors,
+        let tokio = rows.iter().find(|r| r.0 == "tokio").map(|r| (r.1, r.3));
+        let tokio_rate = tokio.map_or(f64::NAN, |t| t.0);
+        chart.groups.push((
+            format!("{clients} x {payload} B"),
+            rows.iter().map(|r| (r.0.clone(), r.1 / 1e3)).collect(),
+        ));
+        for (name, rate, p50, p99, errors) in &rows {
+            rep.json.push(serde_json::json!({
+                "bench": "rpc", "system": name, "procedure": "echo",
+                "clients": clients, "payload": payload, "inflight": args.inflight,
+                "duration_s": args.duration, "runs": args.runs, "workers": args.workers,
+                "requests_per_sec_median": rate, "p50_us_median": p50,
+                "p99_us_median": p99, "ratio_vs_tokio": rate / tokio_rate, "errors": errors,
+            }));
+            rep.rows.push(vec![
+                clients.to_string(),
+                payload.to_string(),
+                name.clone(),
+                format!("{rate:.0}"),
+                format!("{p50:.0}"),
+                format!("{p99:.0}"),
+                format!("{:.2}", rate / tokio_rate),
+                errors.to_string(),
+            ]);
+        }
+        if *clients == 64 {
+            let best = rows
+                .iter()
+                .filter(|r| r.0.starts_with("vireo-"))
+                .max_by(|a, b| a.1.total_cmp(&b.1));
+            if let (Some(best), Some((t_rate, t_p99))) = (best, tokio) {
+                rep.targets.push(Target {
+                    what: format!(
+                        "best vireo >= 1x tokio at 64 clients, {payload} B, p99 no worse"
+                    ),
+                    measured: format!(
+                        "{} {:.2}x, p99 {:.0} vs {:.0} us",
+                        best.0,
+                        best.1 / t_rate,
+                        best.3,
+                        t_p99
+                    ),
+                    met: best.1 >= t_rate && best.3 <= t_p99,
                 });
-                println!("{line}");
-            } else {
-                println!(
-                    "{:>7} {:>8}  {:<16}{:>12.0}{:>8.0}us{:>8.0}us{:>9.2}{:>8}",
-                    clients,
-                    payload,
-                    name,
-                    rate,
-                    p50,
-                    p99,
-                    rate / tokio,
-                    errors
-                );
             }
         }
     }
-    Ok(())
+    rep.charts = vec![chart];
+    Ok(rep)
+}
+
+fn rpc(mut args: RpcArgs) -> anyhow::Result<()> {
+    let bar = progress_bar(args.out.json);
+    let report = rpc_report(&mut args, &|m| bar.set_message(m.to_owned()))?;
+    bar.finish_and_clear();
+    emit(&report, &args.out)
 }
