@@ -391,7 +391,7 @@ struct RpcArgs {
     /// A smoke run well under a minute.
     #[arg(long)]
     quick: bool,
-    /// Run only these systems (repeatable): vireo-<backend> or tokio.
+    /// Run only these systems (repeatable): vireo-BACKEND or tokio.
     #[arg(long = "system", value_name = "NAME")]
     systems: Vec<String>,
     #[command(flatten)]
