@@ -199,11 +199,11 @@ fn vireo(
     // (a), twice: the first pass grows the tables and is not recorded.
     let (mut add, mut cancel) = (Duration::ZERO, Duration::ZERO);
     for _ in 0..2 {
+        let mut ids = Vec::with_capacity(long.len());
         let started = Instant::now();
-        let ids = long
-            .iter()
-            .map(|&p| h.add_timeout(Frequency::Period(p), |_, _| {}))
-            .collect::<Result<Vec<_>, _>>()?;
+        for &p in long {
+            ids.push(h.add_timeout(Frequency::Period(p), |_, _| {})?);
+        }
         add = started.elapsed();
         let started = Instant::now();
         for id in ids {
@@ -259,14 +259,14 @@ fn calloop(long: &[Duration], short: &[Duration], duration: Duration) -> io::Res
     let mut lp: calloop::EventLoop<'static, ()> =
         calloop::EventLoop::try_new().map_err(io::Error::other)?;
     let h = lp.handle();
+    let mut tokens = Vec::with_capacity(long.len());
     let started = Instant::now();
-    let tokens = long
-        .iter()
-        .map(|&p| {
+    for &p in long {
+        tokens.push(
             h.insert_source(Timer::from_duration(p), |_, _, _| TimeoutAction::Drop)
-                .map_err(|e| io::Error::other(e.error))
-        })
-        .collect::<io::Result<Vec<_>>>()?;
+                .map_err(|e| io::Error::other(e.error))?,
+        );
+    }
     let add = started.elapsed();
     let started = Instant::now();
     for t in tokens {

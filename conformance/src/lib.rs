@@ -157,6 +157,7 @@ macro_rules! __conformance_cases {
             timers::remove_timer_from_own_callback,
             timers::remove_other_due_timer_in_same_pass,
             timers::timers_by_deadline_then_id_before_watches,
+            timers::survivors_fire_in_order_after_mass_removal,
             timers::timer_added_in_callback_waits_for_next_iteration,
             timers::libvirt_millisecond_frequencies,
             threads::add_from_other_thread_wakes_blocked_loop,

@@ -234,24 +234,30 @@ impl State {
     fn set_timer(&mut self, id: TimerId, freq: Frequency, now: Instant) {
         let freq = freq.normalized();
         let timer = self.timers.get_mut(&id).expect("timer present");
+        let was_every = timer.freq == Frequency::EveryIteration;
         timer.generation += 1;
         timer.freq = freq;
         let generation = timer.generation;
+        if was_every && freq != Frequency::EveryIteration {
+            self.every.remove(&id);
+        }
         match freq {
             Frequency::EveryIteration => {
                 self.every.insert(id);
             }
             Frequency::Period(p) => {
-                self.every.remove(&id);
                 self.heap.push(Reverse((now + p, id, generation)));
             }
-            Frequency::Disabled => {
-                self.every.remove(&id);
-            }
+            Frequency::Disabled => {}
         }
-        // Updated and removed timers leave stale heap entries behind; rebuild before they
-        // outnumber the live ones.
-        if self.heap.len() > 64 && self.heap.len() > 2 * self.timers.len() {
+        self.compact_heap();
+    }
+
+    /// Updated and removed timers leave stale heap entries behind; once they outnumber the
+    /// live ones, drop them all in one linear pass (amortized O(1) per update or removal,
+    /// where popping them one by one would cost O(log n) each).
+    fn compact_heap(&mut self) {
+        if self.heap.len() > 64 && self.heap.len() > 2 * self.live_timers() {
             let timers = &self.timers;
             self.heap.retain(|Reverse((_, id, g))| {
                 timers
@@ -259,6 +265,11 @@ impl State {
                     .is_some_and(|t| !t.removed && t.generation == *g)
             });
         }
+    }
+
+    /// Timers not removed (those removed stay in the table until the next purge).
+    fn live_timers(&self) -> usize {
+        self.timers.len() - self.removed_timers.len()
     }
 
     /// Returns false for an unknown or removed id.
@@ -277,8 +288,11 @@ impl State {
         };
         timer.removed = true;
         timer.generation += 1;
-        self.every.remove(&id);
+        if timer.freq == Frequency::EveryIteration {
+            self.every.remove(&id);
+        }
         self.removed_timers.push(id);
+        self.compact_heap();
         true
     }
 
@@ -294,6 +308,11 @@ impl State {
             if let Some(timer) = self.timers.remove(&id) {
                 garbage.timers.extend(timer.cb);
             }
+        }
+        if self.timers.is_empty() && self.timers.capacity() > 0 {
+            // Removals leave tombstones that later inserts would pay for with a rehash into a
+            // new allocation; an empty table can drop them all at once, keeping its memory.
+            self.timers.clear();
         }
     }
 

@@ -258,6 +258,53 @@ pub fn remove_other_due_timer_in_same_pass<B: Backend>() {
     assert_eq!(log.take(), vec![Fired::Timer(first); 3]);
 }
 
+/// Many timers removed or updated (their stale schedule entries outnumbering the live ones,
+/// which makes the core compact its queue) leave the survivors firing, in deadline order, and
+/// the removed ones silent.
+pub fn survivors_fire_in_order_after_mass_removal<B: Backend>() {
+    let mut lp = new_loop::<B>();
+    let h = lp.handle().clone();
+    let log = Recorder::new();
+    let mut keep = Vec::new();
+    for i in 0..300u64 {
+        // Deadlines 20..320 ms ahead, in reverse id order.
+        let id = h
+            .add_timeout(
+                Frequency::Period(Duration::from_millis(320 - i)),
+                log.timer(),
+            )
+            .unwrap();
+        if i % 10 == 0 {
+            keep.push(id);
+        } else if i % 10 == 1 {
+            // Updated twice to a far period: stale entries, never due within this test.
+            h.update_timeout(id, Frequency::Period(Duration::from_secs(3600)))
+                .unwrap();
+            h.update_timeout(id, Frequency::Period(Duration::from_secs(7200)))
+                .unwrap();
+        } else {
+            h.remove_timeout(id).unwrap();
+        }
+    }
+    // Every kept timer fires, the first firings in deadline order (the highest id first);
+    // nothing else fires.
+    let mut fired = Vec::new();
+    let mut firsts: Vec<Fired> = Vec::new();
+    run_until(&mut lp, "every kept timer to fire", || {
+        fired.extend(log.take());
+        for f in &fired {
+            if !firsts.contains(f) {
+                firsts.push(*f);
+            }
+        }
+        firsts.len() >= keep.len()
+    });
+    keep.reverse();
+    let expected: Vec<Fired> = keep.iter().map(|&id| Fired::Timer(id)).collect();
+    assert_eq!(firsts, expected);
+    assert!(fired.iter().all(|f| expected.contains(f)), "{fired:?}");
+}
+
 /// Due timers run by deadline, then by id; all before the ready watches.
 pub fn timers_by_deadline_then_id_before_watches<B: Backend>() {
     let mut lp = new_loop::<B>();
