@@ -216,7 +216,10 @@ impl Backend for Epoll {
                 timeout = Some(Duration::ZERO);
             }
         }
-        let result = if self.pwait2 {
+        // epoll_pwait2 only where a timeout needs sub-millisecond precision: a zero, infinite or
+        // whole-millisecond timeout is exact with epoll_pwait, the shorter kernel path.
+        let needs_ns = timeout.is_some_and(|d| d.subsec_nanos() % 1_000_000 != 0);
+        let result = if self.pwait2 && needs_ns {
             self.pwait2(timeout)
         } else {
             self.events.clear();

@@ -433,3 +433,32 @@ pub fn report(opts: &TimersOptions, mut progress: impl FnMut(&str)) -> io::Resul
     rep.charts = vec![op_chart, late_chart];
     Ok(rep)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grid_counts_early_and_late_firings() {
+        let p = Duration::from_millis(10);
+        let t0 = Instant::now();
+        let mut s: Stats = (histogram(), 0, 0);
+        // On time, then 3 ms late, then a coalesced firing 2.5 periods on.
+        let mut g = Grid::new(t0, t0, p);
+        g.fired(t0 + p, &mut s);
+        g.fired(t0 + 2 * p + Duration::from_millis(3), &mut s);
+        g.fired(t0 + 4 * p + Duration::from_millis(5), &mut s);
+        assert_eq!(g.early(), 0);
+        assert_eq!(s.1, 3);
+        assert!(s.0.max() >= 3000 && s.0.max() <= 5010, "{}", s.0.max());
+        // Before the first deadline.
+        let mut g = Grid::new(t0, t0, p);
+        g.fired(t0 + p / 2, &mut s);
+        assert_eq!(g.early(), 1);
+        // Twice for one deadline.
+        let mut g = Grid::new(t0, t0, p);
+        g.fired(t0 + p, &mut s);
+        g.fired(t0 + p + Duration::from_millis(1), &mut s);
+        assert_eq!(g.early(), 1);
+    }
+}

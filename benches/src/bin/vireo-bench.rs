@@ -132,8 +132,27 @@ fn compare(args: CompareArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(report_dir)?;
     let mut md = String::new();
     md.push_str(&format!(
-        "## `vireo-bench compare{}`\n\n{}\n\n",
+        "# vireo benchmarks\n\n\
+         Produced by `cargo run --release -p vireo-benches --bin vireo-bench -- compare{} --out {} \
+         --plot {}` (every subcommand at moderate sizes; each subcommand also runs alone, with \
+         `--help` for its parameters, `--json` for one JSON object per result and `--plot DIR` \
+         for its charts).\n\n{}\n\n\
+         ## How to read these figures\n\n\
+         - The machines these runs come from are shared and noisy: the same command can move a \
+         figure by 10-40% from one run to the next. Compare systems **within one table** (they \
+         ran in the same process, minutes apart, interleaved), not across runs or machines.\n\
+         - Times are medians over rounds (pipes) or runs (pool, rpc); latencies are percentiles \
+         over all samples. `x NAME` columns are ratios to system NAME in the same run: below 1 is \
+         faster for times, above 1 is faster for rates.\n\
+         - On a 2-CPU machine, anything with more busy threads than CPUs (the pool with a \
+         producer and two workers, the RPC server with its load generator) measures the \
+         scheduler as much as the code; the notes of the issues that added each benchmark say \
+         what was profiled.\n\
+         - Each target from the benchmark issue is listed at the end with the value measured in \
+         this run.\n\n",
         if q { " --quick" } else { "" },
+        args.out.display(),
+        plot_dir.display(),
         machine()
     ));
     let mut targets = Vec::new();
