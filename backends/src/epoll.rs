@@ -1,7 +1,8 @@
 //! Bindings to epoll (Linux, Android).
 //!
 //! Level-triggered (no `EPOLLET`, no `EPOLLONESHOT`), so an undrained fd fires again without any
-//! re-arming. Timeouts have nanosecond precision through `epoll_pwait2` (Linux 5.11+); on an
+//! re-arming. Timeouts have nanosecond precision through `epoll_pwait2` (Linux 5.11+; used only
+//! when a timeout is not a whole number of milliseconds, `epoll_pwait` being the shorter path); on an
 //! older kernel, or where seccomp refuses it, the backend falls back to `epoll_pwait` with the
 //! timeout rounded *up* to whole milliseconds, so a timer is never woken early.
 //!
