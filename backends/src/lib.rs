@@ -2,10 +2,11 @@
 //!
 //! | feature | type | platforms | good at | costs |
 //! |---|---|---|---|---|
-//! | `io-uring` | [`IoUring`] | Linux 5.5+ (best 6.1+) | batching: interest changes, re-arms and the wait in one syscall | one completion plus one re-arm per event; for readiness alone expected to match epoll, not beat it (not yet measured) |
+//! | `io-uring` | [`IoUring`] | Linux 5.5+ (best 6.1+) | batching: interest changes, re-arms and the wait in one syscall | one completion plus one re-arm per event; for readiness alone slower than epoll (1.08-1.31x raw epoll in the pipes benchmark, against epoll's 1.06-1.25x) |
 //! | `epoll` (default) | [`Epoll`] | Linux, Android | O(ready) waits, no per-event re-arm; ns timeouts via `epoll_pwait2` | one `epoll_ctl` per interest change |
 //! | `portable` | [`Portable`] | Linux, Android, macOS, iOS, the BSDs, illumos, Solaris (via the `polling` crate: epoll, kqueue, event ports) | running where epoll and io_uring do not exist | an extra poll(2) for reports that carry a hangup or an error |
 //! | `poll` (default) | [`Poll`] | every POSIX system | simplicity; nothing to set up | O(registered fds) per wait, in the kernel and in the loop |
+//! | `scripted` | [`Scripted`] | every POSIX system | tests: kernel errors, readiness and spurious wake-ups on demand ([`scripted`]) | poll's, plus a mutex per call |
 //!
 //! [`DefaultBackend`] is the best one compiled in, chosen at compile time by one cfg chain:
 //! io-uring, else epoll, else portable, else poll. [`AnyBackend`] chooses at run time from
@@ -50,6 +51,11 @@ pub use portable::Portable;
 mod poll;
 #[cfg(feature = "poll")]
 pub use poll::Poll;
+
+#[cfg(feature = "scripted")]
+pub mod scripted;
+#[cfg(feature = "scripted")]
+pub use scripted::Scripted;
 
 pub use vireo_core::Backend;
 

@@ -1,0 +1,247 @@
+//! The core under injected kernel faults (the scripted backend): every fault is reported or
+//! absorbed without a panic, the loop stays usable, and no event is lost.
+
+use std::time::{Duration, Instant};
+
+use rustix::io::Errno;
+use vireo_backends::scripted::{Call, Op, Script, Scripted};
+use vireo_conformance::kit::*;
+use vireo_core::{EventLoop, Events, Frequency};
+
+fn scripted() -> (EventLoop<Scripted>, Script) {
+    let script = Script::new();
+    let lp = EventLoop::with_backend(Scripted::with_script(script.clone()).unwrap()).unwrap();
+    (lp, script)
+}
+
+fn errno_of(e: &std::io::Error) -> Option<Errno> {
+    Errno::from_io_error(e)
+}
+
+#[test]
+fn interrupted_wait_is_an_empty_iteration_and_loses_nothing() {
+    let (mut lp, script) = scripted();
+    let log = Recorder::new();
+    let (r, w) = pipe();
+    let id = lp
+        .handle()
+        .add_handle(raw(&r), Events::READABLE, log.draining_watch())
+        .unwrap();
+    write(&w, b"x");
+    script.fail_next(Op::Wait, Errno::INTR);
+    assert_eq!(lp.run_once_timeout(Duration::ZERO).unwrap(), 0);
+    assert!(log.is_empty());
+    run_until(&mut lp, "the byte to be reported", || !log.is_empty());
+    assert_eq!(log.take(), vec![Fired::Watch(id, Events::READABLE)]);
+}
+
+#[test]
+fn failed_wait_is_reported_and_the_next_iteration_delivers() {
+    for errno in [Errno::NOMEM, Errno::BADF, Errno::FAULT] {
+        let (mut lp, script) = scripted();
+        let log = Recorder::new();
+        let (r, w) = pipe();
+        let id = lp
+            .handle()
+            .add_handle(raw(&r), Events::READABLE, log.draining_watch())
+            .unwrap();
+        write(&w, b"x");
+        script.fail_next(Op::Wait, errno);
+        let err = lp.run_once_timeout(Duration::ZERO).unwrap_err();
+        assert_eq!(errno_of(&err), Some(errno));
+        assert!(log.is_empty());
+        run_until(&mut lp, "the byte to be reported", || !log.is_empty());
+        assert_eq!(
+            log.take(),
+            vec![Fired::Watch(id, Events::READABLE)],
+            "{errno:?}"
+        );
+    }
+}
+
+#[test]
+fn failed_registration_is_reported_then_retried() {
+    let (mut lp, script) = scripted();
+    let log = Recorder::new();
+    let (r, w) = pipe();
+    write(&w, b"x");
+    script.fail_next(Op::Register, Errno::NOMEM);
+    script.fail_next(Op::Register, Errno::NOSPC);
+    let id = lp
+        .handle()
+        .add_handle(raw(&r), Events::READABLE, log.draining_watch())
+        .unwrap();
+    let e1 = lp.run_once_timeout(Duration::ZERO).unwrap_err();
+    let e2 = lp.run_once_timeout(Duration::ZERO).unwrap_err();
+    assert_eq!(
+        (errno_of(&e1), errno_of(&e2)),
+        (Some(Errno::NOMEM), Some(Errno::NOSPC))
+    );
+    run_until(&mut lp, "the byte to be reported", || !log.is_empty());
+    assert_eq!(log.take(), vec![Fired::Watch(id, Events::READABLE)]);
+    let registers = script
+        .calls()
+        .iter()
+        .filter(|c| matches!(c, Call::Register(fd, _) if *fd == raw(&r)))
+        .count();
+    assert_eq!(registers, 3, "two failed attempts and one that worked");
+}
+
+#[test]
+fn failed_interest_change_is_retried_until_it_lands() {
+    let (mut lp, script) = scripted();
+    let log = Recorder::new();
+    let (a, _b) = socketpair();
+    let id = lp
+        .handle()
+        .add_handle(raw(&a), Events::empty(), log.watch())
+        .unwrap();
+    run_iterations(&mut lp, 1);
+    script.fail_next(Op::Register, Errno::NOMEM);
+    script.fail_next(Op::Reregister, Errno::NOMEM);
+    lp.handle().update_handle(id, Events::WRITABLE).unwrap();
+    // An empty interest was never registered; the first change is a register, then (after
+    // the fault) retried, and the socket's WRITABLE finally reaches the watch.
+    assert!(lp.run_once_timeout(Duration::ZERO).is_err());
+    run_until(&mut lp, "WRITABLE", || !log.is_empty());
+    assert_eq!(log.events_of(id)[0], Events::WRITABLE);
+}
+
+#[test]
+fn failed_removal_keeps_the_watch_silent_and_drops_its_state_once() {
+    let (mut lp, script) = scripted();
+    let log = Recorder::new();
+    let probe = DropProbe::new();
+    let (r, w) = pipe();
+    let id = lp
+        .handle()
+        .add_handle(
+            raw(&r),
+            Events::READABLE,
+            log.tracked_watch(probe.tracked()),
+        )
+        .unwrap();
+    run_iterations(&mut lp, 1);
+    script.fail_next(Op::Deregister, Errno::NOMEM);
+    lp.handle().remove_handle(id).unwrap();
+    write(&w, b"x");
+    assert!(lp.run_once_timeout(Duration::ZERO).is_err());
+    run_iterations(&mut lp, 3);
+    assert!(log.is_empty(), "a removed watch fired: {:?}", log.take());
+    assert_eq!(probe.drops(), 1);
+    // EBADF and ENOENT from a removal are not errors (the fd was closed first).
+    let (r2, _w2) = pipe();
+    let id2 = lp
+        .handle()
+        .add_handle(raw(&r2), Events::READABLE, log.watch())
+        .unwrap();
+    run_iterations(&mut lp, 1);
+    script.fail_next(Op::Deregister, Errno::BADF);
+    lp.handle().remove_handle(id2).unwrap();
+    run_iterations(&mut lp, 1);
+    assert_eq!(script.pending_faults(), 0);
+}
+
+#[test]
+fn spurious_readiness_is_delivered_within_the_watch_mask_only() {
+    let (mut lp, script) = scripted();
+    let log = Recorder::new();
+    let (a, _b) = socketpair();
+    let reader = lp
+        .handle()
+        .add_handle(raw(&a), Events::READABLE, log.watch())
+        .unwrap();
+    run_iterations(&mut lp, 1);
+    // Nothing to read, yet the kernel says READABLE (allowed: spurious reports).
+    script.make_ready(raw(&a), Events::READABLE | Events::WRITABLE);
+    lp.run_once_timeout(Duration::ZERO).unwrap();
+    // WRITABLE is outside the watch's interest: masked.
+    assert_eq!(log.take(), vec![Fired::Watch(reader, Events::READABLE)]);
+    // ERROR and HANGUP always pass.
+    script.make_ready(raw(&a), Events::HANGUP | Events::ERROR);
+    lp.run_once_timeout(Duration::ZERO).unwrap();
+    assert_eq!(
+        log.take(),
+        vec![Fired::Watch(reader, Events::HANGUP | Events::ERROR)]
+    );
+    // Readiness for an fd with no watch reaches nobody.
+    let (c, _d) = socketpair();
+    script.make_ready(raw(&c), Events::READABLE);
+    lp.run_once_timeout(Duration::ZERO).unwrap();
+    assert!(log.is_empty());
+}
+
+#[test]
+fn readiness_for_a_watch_removed_in_the_same_iteration_is_dropped() {
+    let (mut lp, script) = scripted();
+    let log = Recorder::new();
+    let (a, _b) = socketpair();
+    let (c, _d) = socketpair();
+    let victim = std::sync::Arc::new(std::sync::Mutex::new(None));
+    // The killer has the lower id, so it runs first and removes the victim, whose report
+    // arrived in the same wait.
+    let killer = lp
+        .handle()
+        .add_handle(raw(&a), Events::READABLE, {
+            let (log, victim) = (log.clone(), std::sync::Arc::clone(&victim));
+            move |h, id, _, ev| {
+                log.push(Fired::Watch(id, ev));
+                if let Some(v) = victim.lock().unwrap().take() {
+                    h.remove_handle(v).unwrap();
+                }
+            }
+        })
+        .unwrap();
+    let v = lp
+        .handle()
+        .add_handle(raw(&c), Events::READABLE, log.watch())
+        .unwrap();
+    *victim.lock().unwrap() = Some(v);
+    run_iterations(&mut lp, 1);
+    script.make_ready(raw(&c), Events::READABLE);
+    script.make_ready(raw(&a), Events::READABLE);
+    lp.run_once_timeout(Duration::ZERO).unwrap();
+    assert_eq!(log.take(), vec![Fired::Watch(killer, Events::READABLE)]);
+    // Later reports for its fd reach nobody.
+    script.make_ready(raw(&c), Events::READABLE);
+    lp.run_once_timeout(Duration::ZERO).unwrap();
+    assert!(log.is_empty());
+}
+
+#[test]
+fn spurious_wakeups_never_fire_a_timer_early() {
+    let (mut lp, script) = scripted();
+    let log = Recorder::new();
+    let started = Instant::now();
+    let id = lp
+        .handle()
+        .add_timeout(Frequency::Period(Duration::from_millis(30)), log.timer())
+        .unwrap();
+    for _ in 0..20 {
+        script.wake_spuriously();
+    }
+    run_until(&mut lp, "the timer", || !log.is_empty());
+    assert!(started.elapsed() >= Duration::from_millis(30));
+    assert_eq!(log.take()[0], Fired::Timer(id));
+    assert_eq!(script.pending_faults(), 0);
+}
+
+#[test]
+fn a_detached_backend_is_driven_by_the_script_alone() {
+    let script = Script::new();
+    let mut lp = EventLoop::with_backend(Scripted::detached(script.clone())).unwrap();
+    let log = Recorder::new();
+    let (a, w) = pipe();
+    let id = lp
+        .handle()
+        .add_handle(raw(&a), Events::READABLE, log.watch())
+        .unwrap();
+    // Data is there, but nothing reports it: the kernel is not asked.
+    write(&w, b"x");
+    run_iterations(&mut lp, 3);
+    assert!(log.is_empty());
+    script.make_ready(raw(&a), Events::READABLE);
+    lp.run_once_timeout(Duration::ZERO).unwrap();
+    assert_eq!(log.take(), vec![Fired::Watch(id, Events::READABLE)]);
+    assert_eq!(lp.backend_info().get("over"), Some("nothing"));
+}
