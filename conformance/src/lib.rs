@@ -117,6 +117,7 @@ macro_rules! __conformance_cases {
         $crate::__conformance_cases! { @expand $mode ($($args)*) [
             handles::readable_after_write,
             handles::level_triggered_refire,
+            handles::readiness_consumed_between_iterations_is_not_reported,
             handles::partial_read_refires_until_drained,
             handles::writable_socket_then_readable_only,
             handles::hangup_on_closed_pipe_writer_repeats,

@@ -28,7 +28,7 @@ mod probe;
 
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{BorrowedFd, RawFd};
 use std::thread::{self, ThreadId};
 use std::time::Duration;
 
@@ -100,6 +100,8 @@ pub struct IoUring {
     /// Completions reaped while making room in the submission queue, processed by the next
     /// wait (never dispatched from inside a registration call).
     backlog: Vec<(u64, i32)>,
+    /// Scratch: the fds of this wait's reports, for [`verify`].
+    verify_fds: Vec<RawFd>,
     /// The fallback timeout's duration; the kernel reads it when the SQE is submitted.
     timeout_ts: Box<types::Timespec>,
     timeout_armed: Option<u64>,
@@ -365,6 +367,7 @@ impl Backend for IoUring {
             next_generation: 0,
             rearm: Vec::new(),
             backlog: Vec::new(),
+            verify_fds: Vec::new(),
             timeout_ts: Box::new(types::Timespec::new()),
             timeout_armed: None,
             timeout_generation: 0,
@@ -473,13 +476,90 @@ impl Backend for IoUring {
             self.submit()?;
         }
         let mut backlog = std::mem::take(&mut self.backlog);
+        let first = ready.len();
+        let mut fds = std::mem::take(&mut self.verify_fds);
+        fds.clear();
         for &(ud, res) in &backlog {
+            let before = ready.len();
             self.complete(ud, res, ready);
+            if ready.len() > before {
+                let slot = (ud & 0xffff_ffff) as usize;
+                fds.push(self.slots.get(slot).map_or(-1, |s| s.fd));
+            }
         }
         backlog.clear();
         self.backlog = backlog;
+        let verified = verify(&mut ready[first..], &fds);
+        self.verify_fds = fds;
+        if let Err(e) = verified {
+            return Err(e);
+        }
+        ready.retain(|r| !r.events.is_empty());
         Ok(())
     }
+}
+
+/// A poll completion says the fd *was* ready when the kernel woke the poll, which may be long
+/// before this wait (the socket's wake-up carries the mask, and io_uring trusts it). Data
+/// consumed since (by another thread, or by the program between iterations) would then be
+/// reported as ready while epoll and poll(2), which look at the present, report nothing. One
+/// poll(2) over the reported fds, without blocking, keeps only what still holds, so every
+/// backend reports the same thing (the model tests in vireo-conformance found the difference).
+fn verify(reports: &mut [Readiness], fds: &[RawFd]) -> io::Result<()> {
+    use rustix::event::{PollFd, PollFlags};
+    if reports.is_empty() {
+        return Ok(());
+    }
+    let mut pfds: Vec<PollFd<'_>> = reports
+        .iter()
+        .zip(fds)
+        .map(|(r, &fd)| {
+            let mut flags = PollFlags::empty();
+            if r.events.contains(Events::READABLE) {
+                flags |= PollFlags::IN;
+            }
+            if r.events.contains(Events::WRITABLE) {
+                flags |= PollFlags::OUT;
+            }
+            // SAFETY: the fd is registered, so the caller keeps it open for this call (an fd
+            // closed while registered is a contract violation that poll(2) answers with
+            // POLLNVAL, not with undefined behaviour).
+            PollFd::from_borrowed_fd(unsafe { BorrowedFd::borrow_raw(fd) }, flags)
+        })
+        .collect();
+    let zero = rustix::event::Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    loop {
+        match rustix::event::poll(&mut pfds, Some(&zero)) {
+            Ok(_) => break,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    for (r, p) in reports.iter_mut().zip(&pfds) {
+        let now = p.revents();
+        if now.contains(PollFlags::NVAL) {
+            r.events = Events::empty();
+            continue;
+        }
+        let mut events = r.events & (Events::ERROR | Events::HANGUP);
+        if r.events.contains(Events::READABLE) && now.intersects(PollFlags::IN) {
+            events |= Events::READABLE;
+        }
+        if r.events.contains(Events::WRITABLE) && now.intersects(PollFlags::OUT) {
+            events |= Events::WRITABLE;
+        }
+        if now.contains(PollFlags::HUP) {
+            events |= Events::HANGUP;
+        }
+        if now.contains(PollFlags::ERR) {
+            events |= Events::ERROR;
+        }
+        r.events = events;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -24,6 +24,35 @@ pub fn readable_after_write<B: Backend>() {
     assert_eq!(log.events_of(id), vec![Events::READABLE]);
 }
 
+/// Readiness that came and went between two iterations (data written, then read by someone
+/// else before the loop looked) is not reported: a backend reports what holds when it is
+/// asked, not what held once (io_uring's poll completions carry the mask of the moment of the
+/// wake-up and need re-checking).
+pub fn readiness_consumed_between_iterations_is_not_reported<B: Backend>() {
+    let mut lp = new_loop::<B>();
+    let log = Recorder::new();
+    let (r, w) = pipe();
+    let id = lp
+        .handle()
+        .add_handle(raw(&r), Events::READABLE, log.watch())
+        .unwrap();
+    run_iterations(&mut lp, 2);
+    for _ in 0..20 {
+        write(&w, b"x");
+        assert_eq!(drain(raw(&r)), 1);
+        lp.run_once_timeout(Duration::ZERO).unwrap();
+    }
+    assert!(
+        log.is_empty(),
+        "stale readiness reported: {}",
+        summary(&log.take())
+    );
+    // And readiness that holds is still reported.
+    write(&w, b"y");
+    run_until(&mut lp, "the byte", || !log.is_empty());
+    assert_eq!(log.events_of(id), vec![Events::READABLE]);
+}
+
 /// A callback that reads nothing is called again on every iteration (level-triggered).
 pub fn level_triggered_refire<B: Backend>() {
     let mut lp = new_loop::<B>();
