@@ -491,9 +491,7 @@ impl Backend for IoUring {
         self.backlog = backlog;
         let verified = verify(&mut ready[first..], &fds);
         self.verify_fds = fds;
-        if let Err(e) = verified {
-            return Err(e);
-        }
+        verified?;
         ready.retain(|r| !r.events.is_empty());
         Ok(())
     }
