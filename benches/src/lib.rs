@@ -10,5 +10,6 @@ pub mod plot;
 pub mod pool;
 pub mod report;
 pub mod rpc;
+pub mod soak;
 pub mod timers;
 pub mod wake;

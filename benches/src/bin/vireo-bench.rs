@@ -37,6 +37,71 @@ enum Command {
     /// Every benchmark above at moderate sizes: a markdown report (the body of BENCHMARKS.md)
     /// and SVG charts.
     Compare(CompareArgs),
+    /// The RPC server under load for a long time (10 minutes by default): clients connecting
+    /// and disconnecting, SLEEP calls, SET_LIMITS changes; checks that every call is answered
+    /// and that RSS and open fds stay flat.
+    Soak(SoakArgs),
+}
+
+#[derive(Debug, Args)]
+struct SoakArgs {
+    /// Seconds the soak lasts.
+    #[arg(long, default_value_t = 600.0)]
+    duration: f64,
+    /// The server's backend: poll, epoll, io-uring, portable or auto.
+    #[arg(long, default_value = "auto")]
+    backend: String,
+    /// Connections per window of load.
+    #[arg(long, default_value_t = 32)]
+    clients: usize,
+    /// Seconds per window (every client reconnects each window).
+    #[arg(long, default_value_t = 5.0)]
+    window: f64,
+    #[command(flatten)]
+    out: Output,
+}
+
+fn soak(args: SoakArgs) -> anyhow::Result<()> {
+    if !(args.duration > 0.0
+        && args.duration.is_finite()
+        && args.window > 0.0
+        && args.window.is_finite())
+    {
+        bail!("--duration and --window must be positive numbers of seconds");
+    }
+    if args.clients == 0 {
+        bail!("--clients must be at least 1");
+    }
+    let backend = match args.backend.as_str() {
+        "" | "auto" => vireo_backends::Choice::Auto,
+        name => vireo_backends::Choice::Only(name.parse()?),
+    };
+    let opts = vireo_benches::soak::SoakOptions {
+        backend,
+        duration: Duration::from_secs_f64(args.duration),
+        clients: args.clients,
+        window: Duration::from_secs_f64(args.window),
+    };
+    let bar = indicatif::ProgressBar::new(opts.duration.as_secs());
+    if args.out.json {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    } else {
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{bar:40} {elapsed}/{duration} {msg}")
+                .expect("valid template"),
+        );
+    }
+    let result = vireo_benches::soak::run(&opts, |elapsed, r| {
+        bar.set_position(elapsed.as_secs());
+        bar.set_message(format!("{} replies, {} errors", r.received, r.errors));
+    })?;
+    bar.finish_and_clear();
+    let report = vireo_benches::soak::report(&result, &opts);
+    emit(&report, &args.out)?;
+    if report.targets.iter().any(|t| !t.met) {
+        bail!("the soak failed a check");
+    }
+    Ok(())
 }
 
 #[derive(Debug, Args)]
@@ -459,6 +524,7 @@ fn main() -> anyhow::Result<()> {
         Command::Timers(args) => timers(args),
         Command::Wake(args) => wake(args),
         Command::Compare(args) => compare(args),
+        Command::Soak(args) => soak(args),
     }
 }
 

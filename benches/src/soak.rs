@@ -1,0 +1,298 @@
+//! The soak: the RPC server under the load generator for a long time, with clients connecting
+//! and disconnecting, SLEEP calls filling the queue and the pool's limits changed all along;
+//! every second the process's RSS and open fds are sampled. It reports whether every call got
+//! its reply, and whether memory and descriptors stay flat after the warm-up.
+//!
+//! The server and the load run in this process (the figures cover both): a leak in either shows.
+
+use std::io;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use vireo_backends::Choice;
+use vireo_rpc::client::Client;
+use vireo_rpc::load::{LoadConfig, run_load};
+use vireo_rpc::proto::Procedure;
+use vireo_rpc::server::{ListenAddr, Server, ServerConfig};
+
+use crate::report::{Report, Target};
+
+/// What `vireo-bench soak` runs.
+#[derive(Debug, Clone)]
+pub struct SoakOptions {
+    /// The server's backend.
+    pub backend: Choice,
+    /// How long the whole soak lasts.
+    pub duration: Duration,
+    /// Connections per window; each window connects afresh.
+    pub clients: usize,
+    /// How long one window of load lasts before its clients disconnect.
+    pub window: Duration,
+}
+
+impl Default for SoakOptions {
+    fn default() -> SoakOptions {
+        SoakOptions {
+            backend: Choice::Auto,
+            duration: Duration::from_secs(600),
+            clients: 32,
+            window: Duration::from_secs(5),
+        }
+    }
+}
+
+/// One sample of the process.
+#[derive(Debug, Clone, Copy)]
+pub struct Sample {
+    /// Seconds since the start.
+    pub at: f64,
+    /// Resident set size in KiB.
+    pub rss_kib: u64,
+    /// Open file descriptors.
+    pub fds: u64,
+}
+
+fn sample(start: Instant) -> io::Result<Sample> {
+    let statm = std::fs::read_to_string("/proc/self/statm")?;
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| io::Error::other("unreadable /proc/self/statm"))?;
+    let page = rustix::param::page_size() as u64;
+    let fds = std::fs::read_dir("/proc/self/fd")?.count() as u64;
+    Ok(Sample {
+        at: start.elapsed().as_secs_f64(),
+        rss_kib: pages * page / 1024,
+        fds,
+    })
+}
+
+/// What the soak measured.
+#[derive(Debug, Clone, Default)]
+pub struct SoakResult {
+    /// The backend the server ran on.
+    pub backend: String,
+    /// Calls sent and replies received over all windows.
+    pub sent: u64,
+    /// Replies received.
+    pub received: u64,
+    /// Errors reported by the load generator (lost replies included).
+    pub errors: u64,
+    /// SET_LIMITS calls made, and how many failed.
+    pub limit_changes: u64,
+    /// SET_LIMITS calls that failed.
+    pub limit_errors: u64,
+    /// Windows of load run (each connects and disconnects every client).
+    pub windows: u64,
+    /// One sample per second.
+    pub samples: Vec<Sample>,
+    /// First error messages.
+    pub error_samples: Vec<String>,
+}
+
+/// Runs the soak.
+///
+/// # Errors
+///
+/// When the server cannot start, or a load window cannot connect.
+pub fn run(
+    opts: &SoakOptions,
+    mut progress: impl FnMut(Duration, &SoakResult),
+) -> io::Result<SoakResult> {
+    let dir = std::env::temp_dir().join(format!("vireo-soak-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let addr = ListenAddr::Unix(dir.join("soak.sock"));
+    let server = Server::bind(ServerConfig {
+        listen: vec![addr.clone()],
+        backend: opts.backend,
+        min_workers: 2,
+        max_workers: 8,
+        prio_workers: 2,
+        ..ServerConfig::default()
+    })?;
+    let mut result = SoakResult {
+        backend: server.backend_name().to_owned(),
+        ..SoakResult::default()
+    };
+    let stop = server.shutdown_handle();
+    let running = thread::Builder::new()
+        .name("soak-server".into())
+        .spawn(move || server.run())?;
+    let start = Instant::now();
+    let end = start + opts.duration;
+    let done = Arc::new(AtomicBool::new(false));
+
+    // Limits change every second: max cycling 2..=10 workers, min 1 or 2.
+    let limits = {
+        let (addr, done) = (addr.clone(), Arc::clone(&done));
+        thread::spawn(move || -> (u64, u64) {
+            let (mut made, mut failed) = (0, 0);
+            let mut i = 0u32;
+            while !done.load(SeqCst) {
+                thread::sleep(Duration::from_secs(1));
+                i += 1;
+                let outcome = Client::connect(&addr).and_then(|mut c| {
+                    c.set_timeout(Some(Duration::from_secs(30)))?;
+                    c.set_limits(Some(1 + i % 2), Some(2 + i % 9), Some(1 + i % 3))
+                });
+                made += 1;
+                failed += u64::from(outcome.is_err());
+            }
+            (made, failed)
+        })
+    };
+    // One sample per second.
+    let sampler = {
+        let done = Arc::clone(&done);
+        thread::spawn(move || -> Vec<Sample> {
+            let mut out = Vec::new();
+            while !done.load(SeqCst) {
+                if let Ok(s) = sample(start) {
+                    out.push(s);
+                }
+                thread::sleep(Duration::from_secs(1));
+            }
+            out
+        })
+    };
+
+    let mut outcome = Ok(());
+    while Instant::now() < end {
+        let left = end.saturating_duration_since(Instant::now());
+        let mut cfg = LoadConfig::new(addr.clone());
+        cfg.clients = opts.clients;
+        cfg.inflight = 4;
+        cfg.duration = opts.window.min(left).max(Duration::from_millis(100));
+        cfg.payload = 512;
+        cfg.sleep_ms = 20;
+        cfg.mix = vec![
+            (Procedure::Echo, 8),
+            (Procedure::Hash, 4),
+            (Procedure::Sleep, 3),
+            (Procedure::Stats, 1),
+        ];
+        match run_load(&cfg) {
+            Ok(r) => {
+                result.sent += r.sent;
+                result.received += r.received;
+                result.errors += r.errors;
+                for e in r.error_samples {
+                    if result.error_samples.len() < 10 {
+                        result.error_samples.push(e);
+                    }
+                }
+            }
+            Err(e) => {
+                outcome = Err(e);
+                break;
+            }
+        }
+        result.windows += 1;
+        progress(start.elapsed(), &result);
+    }
+    done.store(true, SeqCst);
+    let (made, failed) = limits.join().unwrap_or((0, 0));
+    result.limit_changes = made;
+    result.limit_errors = failed;
+    result.samples = sampler.join().unwrap_or_default();
+    stop.shutdown();
+    let _ = running.join();
+    let _ = std::fs::remove_dir_all(&dir);
+    outcome.map(|()| result)
+}
+
+/// The soak's report: totals, RSS and fds after warm-up, and the verdicts.
+pub fn report(r: &SoakResult, opts: &SoakOptions) -> Report {
+    // Warm-up: the first fifth of the run (at least 10 s when the run is long enough).
+    let total = r.samples.last().map_or(0.0, |s| s.at);
+    let warm = (total / 5.0).max(total.min(10.0));
+    let after: Vec<&Sample> = r.samples.iter().filter(|s| s.at >= warm).collect();
+    let half = after.len() / 2;
+    let median = |xs: &[&Sample], f: fn(&Sample) -> u64| -> u64 {
+        let mut v: Vec<u64> = xs.iter().map(|s| f(s)).collect();
+        v.sort_unstable();
+        v.get(v.len() / 2).copied().unwrap_or(0)
+    };
+    let (rss_a, rss_b) = (
+        median(&after[..half], |s| s.rss_kib),
+        median(&after[half..], |s| s.rss_kib),
+    );
+    let (fds_a, fds_b) = (
+        median(&after[..half], |s| s.fds),
+        median(&after[half..], |s| s.fds),
+    );
+    let max_fds = after.iter().map(|s| s.fds).max().unwrap_or(0);
+    let growth = if rss_a > 0 {
+        rss_b as f64 / rss_a as f64 - 1.0
+    } else {
+        0.0
+    };
+    let mut rep = Report {
+        bench: "soak".into(),
+        intro: vec![format!(
+            "vireo-bench soak on {}: {:.0} s, {} windows of {} clients (connect, {:.0} s of ECHO/HASH/SLEEP 20 ms/STATS, disconnect), SET_LIMITS every second; RSS and fds of this process (server and load) sampled every second, compared after a {:.0} s warm-up",
+            r.backend,
+            total,
+            r.windows,
+            opts.clients,
+            opts.window.as_secs_f64(),
+            warm
+        )],
+        columns: ["measure", "value"].map(String::from).to_vec(),
+        ..Report::default()
+    };
+    let rows = [
+        ("calls sent", r.sent.to_string()),
+        ("replies received", r.received.to_string()),
+        ("errors", r.errors.to_string()),
+        (
+            "limit changes (failed)",
+            format!("{} ({})", r.limit_changes, r.limit_errors),
+        ),
+        (
+            "RSS KiB, 1st / 2nd half median",
+            format!("{rss_a} / {rss_b}"),
+        ),
+        ("RSS growth", format!("{:+.1}%", growth * 100.0)),
+        (
+            "fds, 1st / 2nd half median (max)",
+            format!("{fds_a} / {fds_b} ({max_fds})"),
+        ),
+    ];
+    for (k, v) in rows {
+        rep.rows.push(vec![k.into(), v]);
+    }
+    for e in &r.error_samples {
+        rep.rows.push(vec!["error".into(), e.clone()]);
+    }
+    rep.json.push(serde_json::json!({
+        "bench": "soak", "backend": r.backend, "duration_s": total, "windows": r.windows,
+        "clients": opts.clients, "sent": r.sent, "received": r.received, "errors": r.errors,
+        "limit_changes": r.limit_changes, "limit_errors": r.limit_errors,
+        "rss_kib_first_half": rss_a, "rss_kib_second_half": rss_b,
+        "fds_first_half": fds_a, "fds_second_half": fds_b, "fds_max": max_fds,
+        "samples": r.samples.iter().map(|s| [s.at, s.rss_kib as f64, s.fds as f64]).collect::<Vec<_>>(),
+    }));
+    rep.targets.push(Target {
+        what: "every call answered (sent = received, no error)".into(),
+        measured: format!(
+            "{} sent, {} received, {} errors",
+            r.sent, r.received, r.errors
+        ),
+        met: r.sent == r.received && r.errors == 0 && r.limit_errors == 0,
+    });
+    rep.targets.push(Target {
+        what: "RSS flat after warm-up (second-half median at most 10% above the first)".into(),
+        measured: format!("{:+.1}%", growth * 100.0),
+        met: growth <= 0.10,
+    });
+    rep.targets.push(Target {
+        what: "fds flat after warm-up (second-half median at most 2 above the first)".into(),
+        measured: format!("{fds_a} then {fds_b}"),
+        met: fds_b <= fds_a + 2,
+    });
+    rep
+}
