@@ -356,4 +356,123 @@ mod loom_models {
             w.join().unwrap();
         });
     }
+
+    /// Draining shutdown racing the last submits: the submitter queues jobs, then closes and
+    /// wakes everyone. Workers exit only when closed *and* the queue is empty, so every job is
+    /// run and both workers exit (a lost wake-up or an early exit would leave a job behind or a
+    /// worker blocked forever).
+    #[test]
+    fn drain_runs_every_queued_job_then_releases_every_worker() {
+        loom::model(|| {
+            let sleep = Arc::new(Sleep::new());
+            let queue = Arc::new(AtomicUsize::new(0));
+            let closed = Arc::new(AtomicBool::new(false));
+            let ran = Arc::new(AtomicUsize::new(0));
+            let workers: Vec<_> = (0..2)
+                .map(|_| {
+                    let (sleep, queue, closed, ran) =
+                        (sleep.clone(), queue.clone(), closed.clone(), ran.clone());
+                    loom::thread::spawn(move || {
+                        loop {
+                            if take(&queue) {
+                                ran.fetch_add(1, SeqCst);
+                                continue;
+                            }
+                            if closed.load(SeqCst) && queue.load(SeqCst) == 0 {
+                                return;
+                            }
+                            let ticket = sleep.announce();
+                            if take(&queue) {
+                                sleep.retract();
+                                ran.fetch_add(1, SeqCst);
+                                continue;
+                            }
+                            sleep.sleep(ticket, None, || {
+                                closed.load(SeqCst) && queue.load(SeqCst) == 0
+                            });
+                        }
+                    })
+                })
+                .collect();
+            queue.fetch_add(1, SeqCst);
+            sleep.publish();
+            closed.store(true, SeqCst);
+            sleep.wake_all();
+            for w in workers {
+                w.join().unwrap();
+            }
+            assert_eq!(ran.load(SeqCst), 1);
+        });
+    }
+
+    /// Shrinking (set_limits lowering max) racing a submit: one of two workers must retire;
+    /// the retiring one is told through the same stop-then-wake path, and the job published
+    /// meanwhile is still run by the one that stays.
+    #[test]
+    fn shrink_racing_a_submit_loses_no_job() {
+        loom::model(|| {
+            let sleep = Arc::new(Sleep::new());
+            let queue = Arc::new(AtomicUsize::new(0));
+            let surplus = Arc::new(AtomicUsize::new(0));
+            let ran = Arc::new(AtomicUsize::new(0));
+            // Retires if a retirement is owed (claimed once, by one worker).
+            let retire = |surplus: &AtomicUsize| {
+                let mut n = surplus.load(SeqCst);
+                while n > 0 {
+                    match surplus.compare_exchange(n, n - 1, SeqCst, SeqCst) {
+                        Ok(_) => return true,
+                        Err(now) => n = now,
+                    }
+                }
+                false
+            };
+            let workers: Vec<_> = (0..2)
+                .map(|_| {
+                    let (sleep, queue, surplus, ran) =
+                        (sleep.clone(), queue.clone(), surplus.clone(), ran.clone());
+                    loom::thread::spawn(move || {
+                        loop {
+                            if retire(&surplus) {
+                                return;
+                            }
+                            if take(&queue) {
+                                ran.fetch_add(1, SeqCst);
+                                // The test stops after its one job; the other worker, if
+                                // still here, is released by the final wake_all.
+                                return;
+                            }
+                            let ticket = sleep.announce();
+                            if take(&queue) {
+                                sleep.retract();
+                                ran.fetch_add(1, SeqCst);
+                                return;
+                            }
+                            sleep.sleep(ticket, None, || {
+                                surplus.load(SeqCst) > 0 || ran.load(SeqCst) > 0
+                            });
+                            if ran.load(SeqCst) > 0 && queue.load(SeqCst) == 0 {
+                                return;
+                            }
+                        }
+                    })
+                })
+                .collect();
+            // set_limits: one worker too many; flag first, then wake.
+            surplus.fetch_add(1, SeqCst);
+            sleep.wake_all();
+            // A submit at the same time.
+            queue.fetch_add(1, SeqCst);
+            sleep.publish();
+            // Wait for the job, then release whoever is left (the pool's final shutdown).
+            while ran.load(SeqCst) == 0 {
+                loom::thread::yield_now();
+            }
+            sleep.wake_all();
+            for w in workers {
+                w.join().unwrap();
+            }
+            assert_eq!(ran.load(SeqCst), 1);
+            assert_eq!(queue.load(SeqCst), 0);
+        });
+    }
 }
