@@ -2,11 +2,15 @@
 # Runs the test suites under valgrind memcheck and fails on any definite leak or memory error.
 #   scripts/memcheck.sh            # every suite below
 #   scripts/memcheck.sh pool       # the suites whose executable name contains "pool"
-# The io_uring suite is left out: memcheck cannot see the kernel read and write the rings, so it
-# reports their buffers as uninitialised.
+# io_uring is left out (the io_uring suites, and the backend in every other suite through
+# VIREO_SKIP_BACKENDS): valgrind cannot follow the kernel reading and writing the shared rings.
+# The EMFILE test is left out too: under valgrind the child's setrlimit(RLIMIT_NOFILE) is
+# refused (valgrind keeps descriptors of its own at the top of the range).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 filter="${1:-}"
+export VIREO_SKIP_BACKENDS=io-uring
+unset VIREO_REQUIRE_BACKENDS
 command -v valgrind >/dev/null || { echo "valgrind is not installed" >&2; exit 2; }
 mapfile -t exes < <(
     cargo test --release --workspace --all-features --no-run --message-format=json 2>/dev/null |
@@ -33,7 +37,8 @@ for exe in "${exes[@]}"; do
     log="target/memcheck-${name}.log"
     if valgrind --quiet --leak-check=full --show-leak-kinds=definite \
         --errors-for-leak-kinds=definite --error-exitcode=99 \
-        "$exe" --test-threads=1 >"$log" 2>&1; then
+        "$exe" --test-threads=1 \
+        --skip out_of_file_descriptors_pauses_accepting_and_recovers >"$log" 2>&1; then
         echo "ok      $name"
     else
         echo "FAILED  $name (see $log)"

@@ -47,6 +47,17 @@ pub fn is_required(name: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// The variable naming backends to skip (comma-separated), for environments that cannot run
+/// them faithfully: valgrind, which cannot follow io_uring's shared rings, for one.
+pub const SKIP_ENV: &str = "VIREO_SKIP_BACKENDS";
+
+/// Whether [`SKIP_ENV`] names backend `name`.
+pub fn is_skipped(name: &str) -> bool {
+    std::env::var(SKIP_ENV)
+        .map(|v| v.split(',').any(|b| b.trim() == name))
+        .unwrap_or(false)
+}
+
 /// Why backend `B` cannot start on this machine, or `None` when it can.
 pub fn unavailable_reason<B: vireo_core::Backend>() -> Option<String> {
     B::new().err().map(|e| e.to_string())
@@ -55,6 +66,10 @@ pub fn unavailable_reason<B: vireo_core::Backend>() -> Option<String> {
 /// Whether the cases can run on backend `B` here. When `B` cannot start, prints the reason and
 /// returns false (the case is skipped), or panics if [`REQUIRE_ENV`] names the backend.
 pub fn available<B: vireo_core::Backend>() -> bool {
+    if is_skipped(B::NAME) {
+        eprintln!("skipped: {SKIP_ENV} names the {} backend", B::NAME);
+        return false;
+    }
     match unavailable_reason::<B>() {
         None => true,
         Some(why) if is_required(B::NAME) => {

@@ -18,6 +18,13 @@ pub const PATIENCE: Duration = Duration::from_secs(20);
 pub fn backends() -> Vec<BackendKind> {
     BackendKind::compiled()
         .into_iter()
+        .filter(|&kind| {
+            if vireo_conformance::is_skipped(kind.name()) {
+                eprintln!("skipping backend {kind}: {}", vireo_conformance::SKIP_ENV);
+                return false;
+            }
+            true
+        })
         .filter(|&kind| match AnyBackend::with_choice(Choice::Only(kind)) {
             Ok(_) => true,
             Err(e) => {
