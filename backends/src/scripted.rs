@@ -3,7 +3,8 @@
 //! [`Scripted`] runs over poll(2) (or over nothing at all, [`Scripted::detached`]) and takes
 //! orders from a [`Script`] shared with the test: fail the next `register`, `reregister`,
 //! `deregister` or `wait` with a chosen errno, report an fd ready whether or not it is, return
-//! from the next wait at once with nothing. Every call the core makes is recorded. With an empty
+//! from the next wait at once with nothing, move the loop's clock forward
+//! ([`Script::advance`]). Every call the core makes is recorded. With an empty
 //! script it behaves exactly like the poll backend, and the conformance suite runs on it.
 //!
 //! Use it to check that a program's callbacks cope with what a kernel may do (a spurious
@@ -42,10 +43,10 @@ use std::fmt;
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rustix::io::Errno;
-use vireo_core::{Backend, BackendInfo, Events, Readiness, Token};
+use vireo_core::{Backend, BackendInfo, Clock, Events, Readiness, Token};
 
 use crate::Poll;
 
@@ -78,6 +79,8 @@ pub enum Call {
 
 #[derive(Debug, Default)]
 struct State {
+    /// How far the script's clock is ahead of the monotonic clock.
+    ahead: Duration,
     faults: VecDeque<(Op, Errno)>,
     ready: Vec<(RawFd, Events)>,
     wakeups: usize,
@@ -113,6 +116,17 @@ impl Script {
     /// The next wait returns at once with nothing to report.
     pub fn wake_spuriously(&self) {
         self.state().wakeups += 1;
+    }
+
+    /// Moves the loop's clock forward by `d` at once: timers see the time pass without
+    /// anyone waiting for it.
+    pub fn advance(&self, d: Duration) {
+        self.state().ahead += d;
+    }
+
+    /// The time on the loop's clock (the monotonic clock plus every [`advance`](Script::advance)).
+    pub fn now(&self) -> Instant {
+        Instant::now() + self.state().ahead
     }
 
     /// Every call the core made so far.
@@ -166,9 +180,10 @@ impl Scripted {
         })
     }
 
-    /// Over nothing: only what `script` makes ready is reported, and waits never block (a
-    /// spurious early return, which the contract allows), so a test drives the loop alone.
-    /// Timers still run on the real clock.
+    /// Over nothing: only what `script` makes ready is reported, and waits never block. A wait
+    /// with a timeout advances the script's clock by that timeout instead of sleeping, so
+    /// timers fire at once, in order, on virtual time; a wait without one returns at once (a
+    /// spurious early return, which the contract allows).
     pub fn detached(script: Script) -> Scripted {
         Scripted { base: None, script }
     }
@@ -184,6 +199,11 @@ impl Backend for Scripted {
 
     fn new() -> io::Result<Self> {
         Scripted::with_script(Script::new())
+    }
+
+    fn clock(&self) -> Option<Clock> {
+        let script = self.script.clone();
+        Some(Clock::new(move || script.now()))
     }
 
     fn info(&self) -> BackendInfo {
@@ -253,6 +273,12 @@ impl Backend for Scripted {
                 Some(Duration::ZERO)
             };
             base.wait(ready, timeout)?;
+        } else if injected.is_empty() {
+            // Detached: nothing can become ready, so a wait with a timeout is the timeout
+            // passing, which the script's clock does at once (virtual time).
+            if let Some(t) = timeout {
+                self.script.advance(t);
+            }
         }
         ready.extend(injected);
         Ok(())

@@ -245,3 +245,60 @@ fn a_detached_backend_is_driven_by_the_script_alone() {
     assert_eq!(log.take(), vec![Fired::Watch(id, Events::READABLE)]);
     assert_eq!(lp.backend_info().get("over"), Some("nothing"));
 }
+
+#[test]
+fn advancing_the_script_clock_makes_timers_due_without_waiting() {
+    let (mut lp, script) = scripted();
+    let log = Recorder::new();
+    let started = Instant::now();
+    let hour = lp
+        .handle()
+        .add_timeout(Frequency::Period(Duration::from_secs(3600)), log.timer())
+        .unwrap();
+    lp.run_once_timeout(Duration::ZERO).unwrap();
+    assert!(log.is_empty());
+    script.advance(Duration::from_secs(3600));
+    lp.run_once_timeout(Duration::ZERO).unwrap();
+    assert_eq!(log.take(), vec![Fired::Timer(hour)]);
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[test]
+fn a_detached_loop_runs_timers_on_virtual_time_in_order() {
+    let script = Script::new();
+    let mut lp = EventLoop::with_backend(Scripted::detached(script.clone())).unwrap();
+    let log = Recorder::new();
+    let started = Instant::now();
+    let t0 = script.now();
+    let slow = lp
+        .handle()
+        .add_timeout(Frequency::Period(Duration::from_secs(30)), log.timer())
+        .unwrap();
+    let fast = lp
+        .handle()
+        .add_timeout(Frequency::Period(Duration::from_secs(10)), log.timer())
+        .unwrap();
+    // Each run_once sleeps until the next deadline, on the script's clock: 10 s, 20 s, then
+    // 30 s twice (the slow timer was added first, so its deadline is the earlier one).
+    for _ in 0..4 {
+        lp.run_once().unwrap();
+    }
+    assert_eq!(
+        log.take(),
+        vec![
+            Fired::Timer(fast),
+            Fired::Timer(fast),
+            Fired::Timer(slow),
+            Fired::Timer(fast)
+        ]
+    );
+    let virtual_elapsed = script.now() - t0;
+    assert!(
+        virtual_elapsed >= Duration::from_secs(30),
+        "{virtual_elapsed:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "real time passed"
+    );
+}

@@ -2,7 +2,8 @@
 
 use std::io;
 use std::os::fd::RawFd;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::{Events, Token};
 
@@ -71,6 +72,29 @@ impl std::fmt::Display for BackendInfo {
     }
 }
 
+/// Where a loop reads the time for its timers: the monotonic clock, unless the backend brings
+/// its own (a test backend can make time pass without waiting).
+#[derive(Clone)]
+pub struct Clock(Arc<dyn Fn() -> Instant + Send + Sync>);
+
+impl Clock {
+    /// A clock that reads `now`; it must never go backwards.
+    pub fn new(now: impl Fn() -> Instant + Send + Sync + 'static) -> Clock {
+        Clock(Arc::new(now))
+    }
+
+    /// The time now.
+    pub fn now(&self) -> Instant {
+        (self.0)()
+    }
+}
+
+impl std::fmt::Debug for Clock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Clock").field(&self.now()).finish()
+    }
+}
+
 /// An OS readiness mechanism (poll, epoll, io_uring, ...) that an
 /// [`EventLoop`](crate::EventLoop) runs on.
 ///
@@ -127,6 +151,13 @@ pub trait Backend: Sized {
     /// What the backend says about itself (see [`BackendInfo`]).
     fn info(&self) -> BackendInfo {
         BackendInfo::new(self.name())
+    }
+
+    /// The clock the loop's timers run on; `None` (the default) is [`Instant::now`]. Asked
+    /// once, when the loop is created. A clock of its own lets a test backend advance time
+    /// instead of sleeping; `wait(Some(d))` must then return once `d` has passed on that clock.
+    fn clock(&self) -> Option<Clock> {
+        None
     }
 
     /// Creates the backend's kernel object (an epoll fd, a ring, ...).

@@ -8,15 +8,21 @@ use std::time::{Duration, Instant};
 
 use crate::table::{Due, FileIdent, Garbage, State, TimerFn, WatchFn};
 use crate::waker::Waker;
-use crate::{Backend, Error, Events, Frequency, Readiness, TimerId, Token, WatchId};
+use crate::{Backend, Clock, Error, Events, Frequency, Readiness, TimerId, Token, WatchId};
 
 struct Shared {
     state: Mutex<State>,
     waker: Waker,
     quit: AtomicBool,
+    /// The backend's clock, or `None` for [`Instant::now`].
+    clock: Option<Clock>,
 }
 
 impl Shared {
+    fn now(&self) -> Instant {
+        self.clock.as_ref().map_or_else(Instant::now, Clock::now)
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // No user code runs under this lock, so a poisoned lock only means a panic inside the
         // table itself; its data is still consistent enough to drop.
@@ -165,7 +171,8 @@ impl LoopHandle {
                 drop(callback);
                 return Err(Error::Closed);
             }
-            state.add_timer(frequency, callback, Instant::now())
+            let now = self.shared.now();
+            state.add_timer(frequency, callback, now)
         };
         self.shared.waker.changed();
         Ok(id)
@@ -184,7 +191,8 @@ impl LoopHandle {
             if state.closed {
                 return Err(Error::Closed);
             }
-            if !state.update_timer(id, frequency, Instant::now()) {
+            let now = self.shared.now();
+            if !state.update_timer(id, frequency, now) {
                 return Err(Error::UnknownTimer(id));
             }
         }
@@ -368,6 +376,7 @@ impl<B: Backend> EventLoop<B> {
     pub fn with_backend(mut backend: B) -> io::Result<Self> {
         let waker = Waker::new()?;
         backend.register(waker.raw_fd(), Token::WAKER, Events::READABLE)?;
+        let clock = backend.clock();
         Ok(EventLoop {
             backend,
             handle: LoopHandle {
@@ -375,6 +384,7 @@ impl<B: Backend> EventLoop<B> {
                     state: Mutex::new(State::default()),
                     waker,
                     quit: AtomicBool::new(false),
+                    clock,
                 }),
             },
             ready: Vec::with_capacity(256),
@@ -505,7 +515,7 @@ impl<B: Backend> EventLoop<B> {
         let (timeout, seen) = {
             let mut state = shared.lock();
             state.sync(&mut self.backend)?;
-            let mut timeout = state.timeout(Instant::now());
+            let mut timeout = state.timeout(shared.now());
             if shared.quit.load(Ordering::SeqCst) {
                 timeout = Some(Duration::ZERO);
             }
@@ -526,7 +536,7 @@ impl<B: Backend> EventLoop<B> {
         waited?;
         self.iterations += 1;
 
-        let now = Instant::now();
+        let now = shared.now();
         self.candidates.clear();
         let mut stale = false;
         {

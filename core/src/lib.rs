@@ -129,7 +129,7 @@ mod id;
 mod table;
 mod waker;
 
-pub use backend::{Backend, BackendInfo, Readiness};
+pub use backend::{Backend, BackendInfo, Clock, Readiness};
 pub use error::Error;
 pub use event_loop::{EventLoop, LoopHandle, LoopStats};
 pub use events::Events;
