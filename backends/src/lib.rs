@@ -2,7 +2,7 @@
 //!
 //! | feature | type | platforms | good at | costs |
 //! |---|---|---|---|---|
-//! | `io-uring` | [`IoUring`] | Linux 5.5+ (best 6.1+) | batching: interest changes, re-arms and the wait in one syscall | one completion plus one re-arm per event; for readiness alone slower than epoll (1.08-1.31x raw epoll in the pipes benchmark, against epoll's 1.06-1.25x) |
+//! | `io-uring` | [`IoUring`] | Linux 5.5+ (best 6.1+) | batching: interest changes, re-arms and the wait in one syscall | one completion plus one re-arm per event; for readiness alone slower than epoll (1.2-1.6x raw epoll in the pipes benchmark, against epoll's 1.1-1.4x), reports re-checked with one poll(2) |
 //! | `epoll` (default) | [`Epoll`] | Linux, Android | O(ready) waits, no per-event re-arm; ns timeouts via `epoll_pwait2` | one `epoll_ctl` per interest change |
 //! | `portable` | [`Portable`] | Linux, Android, macOS, iOS, the BSDs, illumos, Solaris (via the `polling` crate: epoll, kqueue, event ports) | running where epoll and io_uring do not exist | an extra poll(2) for reports that carry a hangup or an error |
 //! | `poll` (default) | [`Poll`] | every POSIX system | simplicity; nothing to set up | O(registered fds) per wait, in the kernel and in the loop |
