@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, PollFlags, Timespec, epoll};
 use rustix::net::{AddressFamily, RecvFlags, SendFlags, SocketFlags, SocketType};
-use vireo_backends::{AnyBackend, BackendKind, Choice};
+use vireo_backends::{AnyBackend, Choice};
 use vireo_core::{EventLoop, Events, WatchId};
 
 /// The socketpairs: `(read end, write end)`.
@@ -112,13 +112,7 @@ pub trait PipeSystem {
 
 /// The systems: vireo on each compiled backend that starts here, then the others.
 pub fn systems() -> Vec<String> {
-    let mut out: Vec<String> = BackendKind::compiled()
-        .into_iter()
-        .filter(|&k| AnyBackend::with_choice(Choice::Only(k)).is_ok())
-        .map(|k| format!("vireo-{k}"))
-        .collect();
-    out.extend(["raw-epoll", "raw-poll", "mio", "polling", "calloop"].map(String::from));
-    out
+    crate::report::systems_with(&["raw-epoll", "raw-poll", "mio", "polling", "calloop"])
 }
 
 /// Starts `name` on `pipes`.
@@ -528,22 +522,7 @@ pub fn report(
 ) -> io::Result<crate::report::Report> {
     use crate::report::{Chart, Report, Target, median};
 
-    let all = systems();
-    for s in &opts.systems {
-        if !all.contains(s) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "unknown or unavailable system {s:?}: choose from {}",
-                    all.join(", ")
-                ),
-            ));
-        }
-    }
-    let chosen: Vec<String> = all
-        .into_iter()
-        .filter(|s| opts.systems.is_empty() || opts.systems.contains(s))
-        .collect();
+    let chosen = crate::report::choose(&systems(), &opts.systems)?;
     let mut rep = Report {
         bench: "pipes".into(),
         intro: vec![format!(

@@ -134,6 +134,39 @@ impl Report {
     }
 }
 
+/// `vireo-<backend>` for every compiled backend that starts on this machine, then `others`.
+pub fn systems_with(others: &[&str]) -> Vec<String> {
+    use vireo_backends::{AnyBackend, BackendKind, Choice};
+    BackendKind::compiled()
+        .into_iter()
+        .filter(|&k| AnyBackend::with_choice(Choice::Only(k)).is_ok())
+        .map(|k| format!("vireo-{k}"))
+        .chain(others.iter().map(|s| (*s).to_owned()))
+        .collect()
+}
+
+/// The systems to run: those `requested` (each must be in `all`), or all of them.
+///
+/// # Errors
+///
+/// `InvalidInput` naming a requested system that is unknown or cannot run here.
+pub fn choose(all: &[String], requested: &[String]) -> std::io::Result<Vec<String>> {
+    if let Some(bad) = requested.iter().find(|s| !all.contains(s)) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "unknown or unavailable system {bad:?}: choose from {}",
+                all.join(", ")
+            ),
+        ));
+    }
+    Ok(all
+        .iter()
+        .filter(|s| requested.is_empty() || requested.contains(s))
+        .cloned()
+        .collect())
+}
+
 /// Microseconds as a float.
 pub fn micros(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6

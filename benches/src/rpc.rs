@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Notify;
-use vireo_backends::{BackendKind, Choice};
+use vireo_backends::Choice;
 use vireo_rpc::proto::{self, FrameReader, Header, Procedure, kind, status};
 use vireo_rpc::server::{ListenAddr, Server, ServerConfig, ShutdownHandle};
 
@@ -48,13 +48,7 @@ impl Running {
 
 /// The systems: `vireo-<backend>` for each compiled backend that starts here, then `tokio`.
 pub fn systems() -> Vec<String> {
-    let mut out: Vec<String> = BackendKind::compiled()
-        .into_iter()
-        .filter(|&k| vireo_backends::AnyBackend::with_choice(Choice::Only(k)).is_ok())
-        .map(|k| format!("vireo-{k}"))
-        .collect();
-    out.push("tokio".into());
-    out
+    crate::report::systems_with(&["tokio"])
 }
 
 /// Starts system `name` on a Unix socket at `path` with `workers` worker threads.

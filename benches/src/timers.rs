@@ -42,13 +42,7 @@ impl Default for TimersOptions {
 
 /// The systems: vireo on each compiled backend that starts here, then calloop.
 pub fn systems() -> Vec<String> {
-    let mut out: Vec<String> = BackendKind::compiled()
-        .into_iter()
-        .filter(|&k| AnyBackend::with_choice(Choice::Only(k)).is_ok())
-        .map(|k| format!("vireo-{k}"))
-        .collect();
-    out.push("calloop".into());
-    out
+    crate::report::systems_with(&["calloop"])
 }
 
 /// The most timers calloop adds and cancels in part (a).
@@ -327,18 +321,7 @@ fn calloop(long: &[Duration], short: &[Duration], duration: Duration) -> io::Res
 ///
 /// An unknown system or a system's error.
 pub fn report(opts: &TimersOptions, mut progress: impl FnMut(&str)) -> io::Result<Report> {
-    let all = systems();
-    for s in &opts.systems {
-        if !all.contains(s) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "unknown or unavailable system {s:?}: choose from {}",
-                    all.join(", ")
-                ),
-            ));
-        }
-    }
+    let chosen = crate::report::choose(&systems(), &opts.systems)?;
     let mut rep = Report {
         bench: "timers".into(),
         intro: vec![format!(
@@ -378,10 +361,7 @@ pub fn report(opts: &TimersOptions, mut progress: impl FnMut(&str)) -> io::Resul
     };
     let mut worst_vireo_op: Option<f64> = None;
     let mut early_total = 0;
-    for name in all
-        .iter()
-        .filter(|s| opts.systems.is_empty() || opts.systems.contains(s))
-    {
+    for name in &chosen {
         progress(name);
         let r = run(name, opts)?;
         let per_op = (r.add_ns + r.cancel_ns) / 2.0;

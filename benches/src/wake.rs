@@ -37,13 +37,7 @@ impl Default for WakeOptions {
 
 /// The systems: vireo on each compiled backend that starts here, mio, calloop.
 pub fn systems() -> Vec<String> {
-    let mut out: Vec<String> = BackendKind::compiled()
-        .into_iter()
-        .filter(|&k| AnyBackend::with_choice(Choice::Only(k)).is_ok())
-        .map(|k| format!("vireo-{k}"))
-        .collect();
-    out.extend(["mio", "calloop"].map(String::from));
-    out
+    crate::report::systems_with(&["mio", "calloop"])
 }
 
 /// What one system measured.
@@ -277,18 +271,7 @@ fn vireo_update(kind: BackendKind, samples: usize) -> io::Result<Vec<Duration>> 
 ///
 /// An unknown system or a system's error.
 pub fn report(opts: &WakeOptions, mut progress: impl FnMut(&str)) -> io::Result<Report> {
-    let all = systems();
-    for s in &opts.systems {
-        if !all.contains(s) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!(
-                    "unknown or unavailable system {s:?}: choose from {}",
-                    all.join(", ")
-                ),
-            ));
-        }
-    }
+    let chosen = crate::report::choose(&systems(), &opts.systems)?;
     let mut rep = Report {
         bench: "wake".into(),
         intro: vec![format!(
@@ -318,10 +301,7 @@ pub fn report(opts: &WakeOptions, mut progress: impl FnMut(&str)) -> io::Result<
         groups: vec![("p50".into(), Vec::new()), ("p99".into(), Vec::new())],
     };
     let mut worst_p50: Option<f64> = None;
-    for name in all
-        .iter()
-        .filter(|s| opts.systems.is_empty() || opts.systems.contains(s))
-    {
+    for name in &chosen {
         progress(name);
         let mut r = run(name, opts)?;
         let (p50, p99) = (
