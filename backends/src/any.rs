@@ -107,6 +107,18 @@ pub enum Choice {
     Only(BackendKind),
 }
 
+impl FromStr for Choice {
+    type Err = io::Error;
+
+    /// `auto` (or nothing) is [`Choice::Auto`]; a backend's name is [`Choice::Only`] it.
+    fn from_str(s: &str) -> io::Result<Choice> {
+        match s {
+            "" | "auto" => Ok(Choice::Auto),
+            name => name.parse().map(Choice::Only),
+        }
+    }
+}
+
 impl Choice {
     /// Reads [`BACKEND_ENV`]: unset, empty or `auto` is [`Choice::Auto`].
     ///
@@ -120,8 +132,7 @@ impl Choice {
                 io::ErrorKind::InvalidInput,
                 format!("{BACKEND_ENV} is not valid UTF-8"),
             )),
-            Ok(v) if v.is_empty() || v == "auto" => Ok(Choice::Auto),
-            Ok(v) => v.parse().map(Choice::Only),
+            Ok(v) => v.parse(),
         }
     }
 }

@@ -79,6 +79,28 @@ fn periods(n: usize, seed: u64, lo: Duration, hi: Duration) -> Vec<Duration> {
         .collect()
 }
 
+impl TimerResult {
+    /// Per-operation and per-firing figures from one system's totals.
+    fn from_run(
+        added: usize,
+        add: Duration,
+        cancel: Duration,
+        (lateness, firings): Stats,
+        early: u64,
+        cpu: Duration,
+    ) -> TimerResult {
+        let per = |d: Duration, n: u64| d.as_nanos() as f64 / n.max(1) as f64;
+        TimerResult {
+            add_ns: per(add, added as u64),
+            cancel_ns: per(cancel, added as u64),
+            firings,
+            early,
+            cpu_ns_per_firing: per(cpu, firings),
+            lateness_us: lateness,
+        }
+    }
+}
+
 /// Runs both parts on one system.
 ///
 /// # Errors
@@ -115,8 +137,8 @@ pub fn run(name: &str, opts: &TimersOptions) -> io::Result<TimerResult> {
     }
 }
 
-/// (lateness histogram in µs, firings, unused)
-type Stats = (Histogram<u64>, u64, u64);
+/// (lateness histogram in µs, firings)
+type Stats = (Histogram<u64>, u64);
 
 /// A periodic timer's schedule: deadlines at `base + k * period`, where the real `base` lies
 /// between `before` and `after` (read around the call that added the timer). Lateness is measured
@@ -207,7 +229,7 @@ fn vireo(
         lp.run_once_timeout(Duration::ZERO)?;
     }
     // (b)
-    let stats = Arc::new(Mutex::new((histogram(), 0u64, 0u64)));
+    let stats = Arc::new(Mutex::new((histogram(), 0u64)));
     let mut ids = Vec::with_capacity(short.len());
     let mut grids = Vec::with_capacity(short.len());
     for &p in short {
@@ -233,19 +255,19 @@ fn vireo(
         h.remove_timeout(id)?;
     }
     lp.run_once_timeout(Duration::ZERO)?;
-    let (lateness, firings, _) = stats.lock().unwrap().clone();
+    let (lateness, firings) = stats.lock().unwrap().clone();
     let early = grids
         .iter()
         .map(|g| g.lock().unwrap().as_ref().map_or(0, Grid::early))
         .sum();
-    Ok(TimerResult {
-        add_ns: add.as_nanos() as f64 / long.len().max(1) as f64,
-        cancel_ns: cancel.as_nanos() as f64 / long.len().max(1) as f64,
-        firings,
+    Ok(TimerResult::from_run(
+        long.len(),
+        add,
+        cancel,
+        (lateness, firings),
         early,
-        cpu_ns_per_firing: cpu.as_nanos() as f64 / firings.max(1) as f64,
-        lateness_us: lateness,
-    })
+        cpu,
+    ))
 }
 
 fn calloop(long: &[Duration], short: &[Duration], duration: Duration) -> io::Result<TimerResult> {
@@ -269,7 +291,7 @@ fn calloop(long: &[Duration], short: &[Duration], duration: Duration) -> io::Res
     let cancel = started.elapsed();
     lp.dispatch(Some(Duration::ZERO), &mut ())
         .map_err(io::Error::other)?;
-    let stats = Rc::new(RefCell::new((histogram(), 0u64, 0u64)));
+    let stats = Rc::new(RefCell::new((histogram(), 0u64)));
     let mut tokens = Vec::with_capacity(short.len());
     let mut grids = Vec::with_capacity(short.len());
     for &p in short {
@@ -300,19 +322,19 @@ fn calloop(long: &[Duration], short: &[Duration], duration: Duration) -> io::Res
     for t in tokens {
         h.remove(t);
     }
-    let (lateness, firings, _) = stats.borrow().clone();
+    let (lateness, firings) = stats.borrow().clone();
     let early = grids
         .iter()
         .map(|g| g.borrow().as_ref().map_or(0, Grid::early))
         .sum();
-    Ok(TimerResult {
-        add_ns: add.as_nanos() as f64 / long.len().max(1) as f64,
-        cancel_ns: cancel.as_nanos() as f64 / long.len().max(1) as f64,
-        firings,
+    Ok(TimerResult::from_run(
+        long.len(),
+        add,
+        cancel,
+        (lateness, firings),
         early,
-        cpu_ns_per_firing: cpu.as_nanos() as f64 / firings.max(1) as f64,
-        lateness_us: lateness,
-    })
+        cpu,
+    ))
 }
 
 /// Runs the benchmark on every chosen system and reports it.
@@ -422,7 +444,7 @@ mod tests {
     fn grid_counts_early_and_late_firings() {
         let p = Duration::from_millis(10);
         let t0 = Instant::now();
-        let mut s: Stats = (histogram(), 0, 0);
+        let mut s: Stats = (histogram(), 0);
         // On time, then 3 ms late, then a coalesced firing 2.5 periods on.
         let mut g = Grid::new(t0, t0, p);
         g.fired(t0 + p, &mut s);

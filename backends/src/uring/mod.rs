@@ -28,7 +28,7 @@ mod probe;
 
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::{BorrowedFd, RawFd};
+use std::os::fd::RawFd;
 use std::thread::{self, ThreadId};
 use std::time::Duration;
 
@@ -100,8 +100,8 @@ pub struct IoUring {
     /// Completions reaped while making room in the submission queue, processed by the next
     /// wait (never dispatched from inside a registration call).
     backlog: Vec<(u64, i32)>,
-    /// Scratch: the fds of this wait's reports, for [`verify`].
-    verify_fds: Vec<RawFd>,
+    /// Scratch for [`verify`], kept between waits: one `pollfd` per report.
+    verify_fds: Vec<libc::pollfd>,
     /// The fallback timeout's duration; the kernel reads it when the SQE is submitted.
     timeout_ts: Box<types::Timespec>,
     timeout_armed: Option<u64>,
@@ -477,20 +477,31 @@ impl Backend for IoUring {
         }
         let mut backlog = std::mem::take(&mut self.backlog);
         let first = ready.len();
-        let mut fds = std::mem::take(&mut self.verify_fds);
-        fds.clear();
+        let mut pfds = std::mem::take(&mut self.verify_fds);
+        pfds.clear();
         for &(ud, res) in &backlog {
             let before = ready.len();
             self.complete(ud, res, ready);
-            if ready.len() > before {
+            if let Some(r) = ready.get(before) {
                 let slot = (ud & 0xffff_ffff) as usize;
-                fds.push(self.slots.get(slot).map_or(-1, |s| s.fd));
+                let mut events = 0;
+                if r.events.contains(Events::READABLE) {
+                    events |= libc::POLLIN;
+                }
+                if r.events.contains(Events::WRITABLE) {
+                    events |= libc::POLLOUT;
+                }
+                pfds.push(libc::pollfd {
+                    fd: self.slots.get(slot).map_or(-1, |s| s.fd),
+                    events,
+                    revents: 0,
+                });
             }
         }
         backlog.clear();
         self.backlog = backlog;
-        let verified = verify(&mut ready[first..], &fds);
-        self.verify_fds = fds;
+        let verified = verify(&mut ready[first..], &mut pfds);
+        self.verify_fds = pfds;
         verified?;
         ready.retain(|r| !r.events.is_empty());
         Ok(())
@@ -503,56 +514,40 @@ impl Backend for IoUring {
 /// reported as ready while epoll and poll(2), which look at the present, report nothing. One
 /// poll(2) over the reported fds, without blocking, keeps only what still holds, so every
 /// backend reports the same thing (the model tests in vireo-conformance found the difference).
-fn verify(reports: &mut [Readiness], fds: &[RawFd]) -> io::Result<()> {
-    use rustix::event::{PollFd, PollFlags};
+fn verify(reports: &mut [Readiness], pfds: &mut [libc::pollfd]) -> io::Result<()> {
     if reports.is_empty() {
         return Ok(());
     }
-    let mut pfds: Vec<PollFd<'_>> = reports
-        .iter()
-        .zip(fds)
-        .map(|(r, &fd)| {
-            let mut flags = PollFlags::empty();
-            if r.events.contains(Events::READABLE) {
-                flags |= PollFlags::IN;
-            }
-            if r.events.contains(Events::WRITABLE) {
-                flags |= PollFlags::OUT;
-            }
-            // SAFETY: the fd is registered, so the caller keeps it open for this call (an fd
-            // closed while registered is a contract violation that poll(2) answers with
-            // POLLNVAL, not with undefined behaviour).
-            PollFd::from_borrowed_fd(unsafe { BorrowedFd::borrow_raw(fd) }, flags)
-        })
-        .collect();
-    let zero = rustix::event::Timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
     loop {
-        match rustix::event::poll(&mut pfds, Some(&zero)) {
-            Ok(_) => break,
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(e) => return Err(e.into()),
+        // SAFETY: `pfds` is a valid, exclusively borrowed array of `pfds.len()` pollfd
+        // structures for the duration of the call; poll(2) only writes their `revents`. An fd
+        // number that is no longer open is answered with POLLNVAL, not undefined behaviour.
+        let n = unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, 0) };
+        if n >= 0 {
+            break;
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
         }
     }
-    for (r, p) in reports.iter_mut().zip(&pfds) {
-        let now = p.revents();
-        if now.contains(PollFlags::NVAL) {
+    for (r, p) in reports.iter_mut().zip(pfds.iter()) {
+        let now = p.revents;
+        if now & libc::POLLNVAL != 0 {
             r.events = Events::empty();
             continue;
         }
         let mut events = r.events & (Events::ERROR | Events::HANGUP);
-        if r.events.contains(Events::READABLE) && now.intersects(PollFlags::IN) {
+        if r.events.contains(Events::READABLE) && now & libc::POLLIN != 0 {
             events |= Events::READABLE;
         }
-        if r.events.contains(Events::WRITABLE) && now.intersects(PollFlags::OUT) {
+        if r.events.contains(Events::WRITABLE) && now & libc::POLLOUT != 0 {
             events |= Events::WRITABLE;
         }
-        if now.contains(PollFlags::HUP) {
+        if now & libc::POLLHUP != 0 {
             events |= Events::HANGUP;
         }
-        if now.contains(PollFlags::ERR) {
+        if now & libc::POLLERR != 0 {
             events |= Events::ERROR;
         }
         r.events = events;

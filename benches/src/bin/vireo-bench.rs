@@ -72,10 +72,7 @@ fn soak(args: SoakArgs) -> anyhow::Result<()> {
     if args.clients == 0 {
         bail!("--clients must be at least 1");
     }
-    let backend = match args.backend.as_str() {
-        "" | "auto" => vireo_backends::Choice::Auto,
-        name => vireo_backends::Choice::Only(name.parse()?),
-    };
+    let backend: vireo_backends::Choice = args.backend.parse()?;
     let opts = vireo_benches::soak::SoakOptions {
         backend,
         duration: Duration::from_secs_f64(args.duration),

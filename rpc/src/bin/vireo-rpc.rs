@@ -185,10 +185,7 @@ fn load(addr: ListenAddr, args: LoadArgs) -> anyhow::Result<()> {
     if args.clients == 0 || args.inflight == 0 {
         bail!("--clients and --inflight must be at least 1");
     }
-    let backend = match args.backend.as_str() {
-        "" | "auto" => Choice::Auto,
-        name => Choice::Only(name.parse()?),
-    };
+    let backend: Choice = args.backend.parse()?;
     let duration = Duration::from_secs_f64(args.duration);
     let bar = ProgressBar::new(duration.as_millis() as u64);
     bar.set_style(

@@ -61,10 +61,7 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let backend = match args.backend.as_str() {
-        "" | "auto" => Choice::Auto,
-        name => Choice::Only(name.parse()?),
-    };
+    let backend: Choice = args.backend.parse()?;
     if args.max_message_size > vireo_rpc::proto::MAX_MESSAGE || args.max_message_size < 24 {
         bail!(
             "--max-message-size must be between 24 and {}",
