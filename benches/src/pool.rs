@@ -10,11 +10,13 @@
 //! any system; the `vireo-pool (32 B captured)` row shows what a closure that captures data
 //! costs (one allocation per job).
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
+
+use crate::report::{Chart, Report, median};
 
 /// A boxed job, as the baseline pools take them.
 type Job = Box<dyn FnOnce() + Send + 'static>;
@@ -225,9 +227,9 @@ fn job_done() {
     }
 }
 
-fn spin_job() {
+fn spin_job<const MICROS: u64>() {
     let start = Instant::now();
-    while start.elapsed() < Duration::from_micros(1) {
+    while start.elapsed() < Duration::from_micros(MICROS) {
         std::hint::spin_loop();
     }
     job_done();
@@ -255,6 +257,8 @@ pub enum Workload {
     Empty,
     /// Jobs that spin for about 1 µs.
     Spin1us,
+    /// Jobs that spin for about 10 µs (the scaling benchmark's jobs).
+    Spin10us,
 }
 
 impl Workload {
@@ -263,6 +267,7 @@ impl Workload {
         match self {
             Workload::Empty => "empty",
             Workload::Spin1us => "1us",
+            Workload::Spin10us => "10us",
         }
     }
 }
@@ -278,7 +283,8 @@ pub fn throughput(system: &System, workload: Workload, jobs: usize) -> Duration 
     for _ in 0..jobs {
         match workload {
             Workload::Empty => system.submit(job_done),
-            Workload::Spin1us => system.submit(spin_job),
+            Workload::Spin1us => system.submit(spin_job::<1>),
+            Workload::Spin10us => system.submit(spin_job::<10>),
         }
     }
     assert!(
@@ -328,4 +334,111 @@ pub fn wake_latency(system: &System, samples: usize, burst: bool) -> Vec<Duratio
     }
     let mut out = latencies.lock().unwrap();
     std::mem::take(&mut *out)
+}
+
+/// What `vireo-bench scaling` measures.
+#[derive(Debug, Clone)]
+pub struct ScalingOptions {
+    /// Worker counts to measure, in order.
+    pub workers: Vec<usize>,
+    /// Jobs of about 10 µs per measurement.
+    pub jobs: usize,
+    /// Measurements per system and worker count (medians are reported).
+    pub runs: usize,
+    /// Systems to run (names from [`SYSTEMS`]).
+    pub systems: Vec<String>,
+}
+
+impl Default for ScalingOptions {
+    fn default() -> ScalingOptions {
+        ScalingOptions {
+            workers: vec![1, 2, 4, 8, 16],
+            jobs: 200_000,
+            runs: 3,
+            systems: SYSTEMS.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+}
+
+/// Throughput of jobs of about 10 µs from one producer against the number of workers: the
+/// pool's multi-core scaling. Reports jobs/s, the speed-up over the same system with one
+/// worker, and the ratio to the Mutex+Condvar pool at the same worker count.
+///
+/// # Panics
+///
+/// When a system's jobs do not finish within a minute (a broken pool).
+pub fn scaling(opts: &ScalingOptions, progress: &dyn Fn(&str)) -> Report {
+    // system -> workers -> jobs/s per run
+    let mut rates: BTreeMap<String, BTreeMap<usize, Vec<f64>>> = BTreeMap::new();
+    // Round 0 warms up and is dropped; systems take turns, rotated every round.
+    for round in 0..=opts.runs {
+        for &workers in &opts.workers {
+            for i in 0..opts.systems.len() {
+                let name = &opts.systems[(i + round) % opts.systems.len()];
+                progress(&format!("{name}, {workers} workers"));
+                let system = System::start(name, workers);
+                let took = throughput(&system, Workload::Spin10us, opts.jobs);
+                system.shutdown();
+                if round > 0 {
+                    rates
+                        .entry(name.clone())
+                        .or_default()
+                        .entry(workers)
+                        .or_default()
+                        .push(opts.jobs as f64 / took.as_secs_f64());
+                }
+            }
+        }
+    }
+    let mut med = |system: &str, workers: usize| -> f64 {
+        rates
+            .get_mut(system)
+            .and_then(|w| w.get_mut(&workers))
+            .map_or(f64::NAN, |v| median(v))
+    };
+    let cpus = thread::available_parallelism().map_or(0, |n| n.get());
+    let mut rep = Report {
+        bench: "scaling".into(),
+        intro: vec![format!(
+            "vireo-bench scaling: 1 producer, {} jobs of ~10 us per point, medians of {} runs \
+             after a warm-up round, on {cpus} CPUs; x1w = speed-up over the same system with \
+             the first worker count, x mutex = ratio to mutex-condvar at the same worker count",
+            opts.jobs, opts.runs
+        )],
+        columns: ["system", "workers", "Mj/s", "x1w", "x mutex"]
+            .map(String::from)
+            .to_vec(),
+        ..Report::default()
+    };
+    let mut chart = Chart {
+        name: "pool-scaling".into(),
+        title: "pool: jobs of ~10 us per second against workers (higher is better)".into(),
+        y_label: "million jobs/s".into(),
+        groups: Vec::new(),
+    };
+    let first = opts.workers.first().copied().unwrap_or(1);
+    for &workers in &opts.workers {
+        let mut group = Vec::new();
+        let mutex = med("mutex-condvar", workers);
+        for system in &opts.systems {
+            let rate = med(system, workers);
+            let alone = med(system, first);
+            rep.rows.push(vec![
+                system.clone(),
+                workers.to_string(),
+                format!("{:.3}", rate / 1e6),
+                format!("{:.2}", rate / alone),
+                format!("{:.2}", rate / mutex),
+            ]);
+            rep.json.push(serde_json::json!({
+                "bench": "scaling", "system": system, "workers": workers, "jobs": opts.jobs,
+                "runs": opts.runs, "cpus": cpus, "jobs_per_sec_median": rate,
+                "speedup_vs_first": rate / alone, "ratio_vs_mutex_condvar": rate / mutex,
+            }));
+            group.push((system.clone(), rate / 1e6));
+        }
+        chart.groups.push((format!("{workers} workers"), group));
+    }
+    rep.charts.push(chart);
+    rep
 }

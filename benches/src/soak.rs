@@ -52,6 +52,9 @@ pub struct Sample {
     pub rss_kib: u64,
     /// Open file descriptors.
     pub fds: u64,
+    /// Live heap in KiB: bytes allocated and not freed since the soak started, as counted by
+    /// [`crate::heap`] (zero when the binary does not install the counting allocator).
+    pub heap_kib: i64,
 }
 
 fn sample(start: Instant) -> io::Result<Sample> {
@@ -67,6 +70,7 @@ fn sample(start: Instant) -> io::Result<Sample> {
         at: start.elapsed().as_secs_f64(),
         rss_kib: pages * page / 1024,
         fds,
+        heap_kib: crate::heap::live_bytes() / 1024,
     })
 }
 
@@ -102,6 +106,7 @@ pub fn run(
     opts: &SoakOptions,
     mut progress: impl FnMut(Duration, &SoakResult),
 ) -> io::Result<SoakResult> {
+    crate::heap::start();
     let dir = std::env::temp_dir().join(format!("vireo-soak-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let addr = ListenAddr::Unix(dir.join("soak.sock"));
@@ -211,25 +216,24 @@ pub fn report(r: &SoakResult, opts: &SoakOptions) -> Report {
     let warm = (total / 5.0).max(total.min(10.0));
     let after: Vec<&Sample> = r.samples.iter().filter(|s| s.at >= warm).collect();
     let half = after.len() / 2;
-    let median = |xs: &[&Sample], f: fn(&Sample) -> u64| -> u64 {
-        let mut v: Vec<u64> = xs.iter().map(|s| f(s)).collect();
+    let median = |xs: &[&Sample], f: fn(&Sample) -> i64| -> i64 {
+        let mut v: Vec<i64> = xs.iter().map(|s| f(s)).collect();
         v.sort_unstable();
         v.get(v.len() / 2).copied().unwrap_or(0)
     };
-    let (rss_a, rss_b) = (
-        median(&after[..half], |s| s.rss_kib),
-        median(&after[half..], |s| s.rss_kib),
-    );
-    let (fds_a, fds_b) = (
-        median(&after[..half], |s| s.fds),
-        median(&after[half..], |s| s.fds),
-    );
+    let halves = |f: fn(&Sample) -> i64| (median(&after[..half], f), median(&after[half..], f));
+    let (rss_a, rss_b) = halves(|s| s.rss_kib as i64);
+    let (fds_a, fds_b) = halves(|s| s.fds as i64);
+    let (heap_a, heap_b) = halves(|s| s.heap_kib);
     let max_fds = after.iter().map(|s| s.fds).max().unwrap_or(0);
     let growth = if rss_a > 0 {
         rss_b as f64 / rss_a as f64 - 1.0
     } else {
         0.0
     };
+    // The live heap swings with the calls in flight (each holds its message and reply), so
+    // its check allows 1 MiB or 10%, whichever is more.
+    let heap_allowance = (heap_a.abs() / 10).max(1024);
     let mut rep = Report {
         bench: "soak".into(),
         intro: vec![format!(
@@ -258,6 +262,10 @@ pub fn report(r: &SoakResult, opts: &SoakOptions) -> Report {
         ),
         ("RSS growth", format!("{:+.1}%", growth * 100.0)),
         (
+            "live heap KiB, 1st / 2nd half median",
+            format!("{heap_a} / {heap_b}"),
+        ),
+        (
             "fds, 1st / 2nd half median (max)",
             format!("{fds_a} / {fds_b} ({max_fds})"),
         ),
@@ -273,8 +281,9 @@ pub fn report(r: &SoakResult, opts: &SoakOptions) -> Report {
         "clients": opts.clients, "sent": r.sent, "received": r.received, "errors": r.errors,
         "limit_changes": r.limit_changes, "limit_errors": r.limit_errors,
         "rss_kib_first_half": rss_a, "rss_kib_second_half": rss_b,
+        "heap_kib_first_half": heap_a, "heap_kib_second_half": heap_b,
         "fds_first_half": fds_a, "fds_second_half": fds_b, "fds_max": max_fds,
-        "samples": r.samples.iter().map(|s| [s.at, s.rss_kib as f64, s.fds as f64]).collect::<Vec<_>>(),
+        "samples": r.samples.iter().map(|s| [s.at, s.rss_kib as f64, s.fds as f64, s.heap_kib as f64]).collect::<Vec<_>>(),
     }));
     rep.targets.push(Target {
         what: "every call answered (sent = received, no error)".into(),
@@ -290,9 +299,65 @@ pub fn report(r: &SoakResult, opts: &SoakOptions) -> Report {
         met: growth <= 0.10,
     });
     rep.targets.push(Target {
+        what:
+            "live heap flat after warm-up (second-half median at most 1 MiB or 10% above the first)"
+                .into(),
+        measured: format!("{heap_a} then {heap_b} KiB"),
+        met: heap_b <= heap_a + heap_allowance,
+    });
+    rep.targets.push(Target {
         what: "fds flat after warm-up (second-half median at most 2 above the first)".into(),
         measured: format!("{fds_a} then {fds_b}"),
         met: fds_b <= fds_a + 2,
     });
     rep
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_with(heap: impl Fn(f64) -> i64) -> SoakResult {
+        SoakResult {
+            backend: "test".into(),
+            sent: 10,
+            received: 10,
+            samples: (0..100)
+                .map(|i| {
+                    let at = f64::from(i);
+                    Sample {
+                        at,
+                        rss_kib: 20_000,
+                        fds: 75,
+                        heap_kib: heap(at),
+                    }
+                })
+                .collect(),
+            ..SoakResult::default()
+        }
+    }
+
+    fn verdicts(r: &SoakResult) -> Vec<bool> {
+        report(r, &SoakOptions::default())
+            .targets
+            .iter()
+            .map(|t| t.met)
+            .collect()
+    }
+
+    #[test]
+    fn a_growing_heap_fails_only_the_heap_check() {
+        // 40 KiB a second: the halves' medians lie 40 s apart, 1.6 MiB, over the 1 MiB allowance.
+        let leaking = run_with(|at| 700 + (at * 40.0) as i64);
+        assert_eq!(verdicts(&leaking), [true, true, false, true]);
+        let flat = run_with(|at| 700 + (at as i64 % 7) * 100);
+        assert_eq!(verdicts(&flat), [true, true, true, true]);
+    }
+
+    #[test]
+    fn a_lost_reply_fails_the_first_check() {
+        let mut r = run_with(|_| 700);
+        r.received -= 1;
+        assert_eq!(verdicts(&r), [false, true, true, true]);
+    }
 }

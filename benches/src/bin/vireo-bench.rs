@@ -22,6 +22,9 @@ enum Command {
     /// The worker pool: vireo-pool vs a Mutex+Condvar FIFO pool (libvirt's design), a
     /// crossbeam-channel pool and rayon; throughput with 1 producer, and wake-up latency.
     Pool(PoolArgs),
+    /// The pool's multi-core scaling: jobs of about 10 µs from one producer with 1, 2, 4, 8 and
+    /// 16 workers, every pool side by side (meant for a machine with that many cores).
+    Scaling(ScalingArgs),
     /// The RPC server: vireo on each backend vs a tokio server speaking the same protocol, ECHO
     /// at several client counts and payload sizes, driven by the same load generator.
     Rpc(RpcArgs),
@@ -99,6 +102,44 @@ fn soak(args: SoakArgs) -> anyhow::Result<()> {
         bail!("the soak failed a check");
     }
     Ok(())
+}
+
+#[derive(Debug, Args)]
+struct ScalingArgs {
+    /// Worker counts, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4,8,16")]
+    workers: Vec<usize>,
+    /// Jobs of about 10 µs per measurement.
+    #[arg(long, default_value_t = 200_000)]
+    jobs: usize,
+    /// Measurements per system and worker count; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Run only these systems (repeatable).
+    #[arg(long = "system", value_name = "NAME", value_parser = clap::builder::PossibleValuesParser::new(SYSTEMS))]
+    systems: Vec<String>,
+    #[command(flatten)]
+    out: Output,
+}
+
+fn scaling(args: ScalingArgs) -> anyhow::Result<()> {
+    if args.workers.is_empty() || args.workers.contains(&0) || args.jobs == 0 || args.runs == 0 {
+        bail!("--workers must all be at least 1, --jobs and --runs at least 1");
+    }
+    let opts = vireo_benches::pool::ScalingOptions {
+        workers: args.workers,
+        jobs: args.jobs,
+        runs: args.runs,
+        systems: SYSTEMS
+            .into_iter()
+            .filter(|s| args.systems.is_empty() || args.systems.iter().any(|c| c == s))
+            .map(String::from)
+            .collect(),
+    };
+    let bar = progress_bar(args.out.json);
+    let report = vireo_benches::pool::scaling(&opts, &|m| bar.set_message(m.to_owned()));
+    bar.finish_and_clear();
+    emit(&report, &args.out)
 }
 
 #[derive(Debug, Args)]
@@ -509,13 +550,16 @@ struct PoolArgs {
 
 // Every system in a run shares this allocator. glibc's malloc serializes threads that free
 // what another thread allocated (one arena lock), which is what handing work between threads
-// does; mimalloc frees such blocks without a lock.
+// does; mimalloc frees such blocks without a lock. The counting wrapper stays off (one relaxed
+// load per allocation) until the soak switches it on to watch the live heap.
 #[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOC: vireo_benches::heap::Counting<mimalloc::MiMalloc> =
+    vireo_benches::heap::Counting::new(mimalloc::MiMalloc);
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Pool(args) => pool(args),
+        Command::Scaling(args) => scaling(args),
         Command::Rpc(args) => rpc(args),
         Command::Pipes(args) => pipes(args),
         Command::Timers(args) => timers(args),
