@@ -4,6 +4,12 @@
 //! model of the core's semantics (DESIGN.md §2). After every iteration the callbacks that ran
 //! (which, in what order, with what events) and the callback states dropped must match.
 //!
+//! Timers are disabled, every-iteration or periodic (periods of whole minutes). Time moves only
+//! where the backend owns the loop's clock: on the scripted backend an `Advance` op moves the
+//! script's clock by whole minutes and periodic timers fall due, in deadline order, with missed
+//! periods coalesced; the other backends run the same sequences with the clock standing still
+//! (a case takes milliseconds, so no period ends), and the model's clock stands still with them.
+//!
 //! `PROPTEST_CASES` sets the number of cases per backend (64 by default; the release-mode run
 //! outside CI uses 10,000: `PROPTEST_CASES=10000 cargo test --release -p vireo-conformance
 //! --test model`).
@@ -17,6 +23,38 @@ use proptest::prelude::*;
 use vireo_conformance::kit::{DropProbe, Fired, Recorder, drain, raw, socketpair, write};
 use vireo_core::{Backend, EventLoop, Events, Frequency, LoopHandle, TimerId, WatchId};
 
+/// The model's unit of time. Real time passes too while a case runs (the scripted clock is the
+/// monotonic clock plus what the script advanced), but far less than a unit, so a deadline a
+/// whole number of units away is due exactly when the model says.
+const UNIT: Duration = Duration::from_secs(60);
+
+/// A timer's frequency, as the model writes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Disabled,
+    Every,
+    /// A period of this many [`UNIT`]s.
+    Period(u64),
+}
+
+impl Kind {
+    fn frequency(self) -> Frequency {
+        match self {
+            Kind::Disabled => Frequency::Disabled,
+            Kind::Every => Frequency::EveryIteration,
+            Kind::Period(n) => Frequency::Period(UNIT * n as u32),
+        }
+    }
+}
+
+fn kind() -> impl Strategy<Value = Kind> {
+    prop_oneof![
+        Just(Kind::Disabled),
+        Just(Kind::Every),
+        (1..4u64).prop_map(Kind::Period),
+    ]
+}
+
 // `TimerId` and `WatchId` are the real ids callbacks see; the model numbers them alike.
 
 const PAIRS: usize = 3;
@@ -28,6 +66,7 @@ enum Action {
     UpdateWatch(usize, u8),
     AddWatch(usize, u8),
     RemoveTimer(usize),
+    UpdateTimer(usize, Kind),
     Invoke(u32),
 }
 
@@ -48,11 +87,13 @@ enum Op {
         threaded: bool,
     },
     AddTimer {
-        every: bool,
+        kind: Kind,
+        threaded: bool,
     },
     UpdateTimer {
         t: usize,
-        every: bool,
+        kind: Kind,
+        threaded: bool,
     },
     RemoveTimer {
         t: usize,
@@ -68,6 +109,8 @@ enum Op {
         mark: u32,
         threaded: bool,
     },
+    /// Moves the loop's clock forward by this many units (where the backend has a clock).
+    Advance(u64),
     Plan {
         w: usize,
         action: Action,
@@ -92,6 +135,7 @@ fn action() -> impl Strategy<Value = Action> {
         (0..8usize, 0..4u8).prop_map(|(w, i)| Action::UpdateWatch(w, i)),
         (0..PAIRS, 0..4u8).prop_map(|(p, i)| Action::AddWatch(p, i)),
         (0..4usize).prop_map(Action::RemoveTimer),
+        (0..4usize, kind()).prop_map(|(t, k)| Action::UpdateTimer(t, k)),
         (0..1000u32).prop_map(Action::Invoke),
     ]
 }
@@ -103,13 +147,15 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0..8usize, 0..4u8, any::<bool>())
             .prop_map(|(w, interest, threaded)| Op::Update { w, interest, threaded }),
         1 => (0..8usize, any::<bool>()).prop_map(|(w, threaded)| Op::Remove { w, threaded }),
-        1 => any::<bool>().prop_map(|every| Op::AddTimer { every }),
-        1 => (0..4usize, any::<bool>()).prop_map(|(t, every)| Op::UpdateTimer { t, every }),
+        2 => (kind(), any::<bool>()).prop_map(|(kind, threaded)| Op::AddTimer { kind, threaded }),
+        1 => (0..4usize, kind(), any::<bool>())
+            .prop_map(|(t, kind, threaded)| Op::UpdateTimer { t, kind, threaded }),
         1 => (0..4usize, any::<bool>()).prop_map(|(t, threaded)| Op::RemoveTimer { t, threaded }),
         2 => (0..PAIRS).prop_map(|pair| Op::Write { pair }),
         1 => (0..PAIRS).prop_map(|pair| Op::Drain { pair }),
         1 => (0..1000u32, any::<bool>()).prop_map(|(mark, threaded)| Op::Invoke { mark, threaded }),
         2 => (0..8usize, action()).prop_map(|(w, action)| Op::Plan { w, action }),
+        2 => (1..5u64).prop_map(Op::Advance),
         4 => Just(Op::Run),
     ]
 }
@@ -130,13 +176,24 @@ fn seen(f: &Fired) -> Seen {
     }
 }
 
+/// A timer in the model.
+#[derive(Debug, Clone)]
+struct MTimer {
+    id: u64,
+    kind: Kind,
+    /// The next deadline of a periodic timer, in units.
+    deadline: u64,
+    alive: bool,
+}
+
 /// The reference model.
 #[derive(Debug, Default)]
 struct Model {
     /// `(id, pair, events, alive)` in creation order.
     watches: Vec<(u64, usize, Events, bool)>,
-    /// `(id, every-iteration, alive)`.
-    timers: Vec<(u64, bool, bool)>,
+    timers: Vec<MTimer>,
+    /// The clock, in units.
+    now: u64,
     pending: [usize; PAIRS],
     plans: HashMap<u64, Vec<Action>>,
     invokes: Vec<u32>,
@@ -175,8 +232,34 @@ impl Model {
         alive
     }
 
+    fn add_timer(&mut self, kind: Kind) -> u64 {
+        self.next_timer += 1;
+        let id = self.next_timer;
+        self.timers.push(MTimer {
+            id,
+            kind,
+            deadline: 0,
+            alive: true,
+        });
+        self.set_timer(self.timers.len() - 1, kind);
+        id
+    }
+
+    /// A new frequency; a period restarts from now. False when the timer was removed.
+    fn set_timer(&mut self, i: usize, kind: Kind) -> bool {
+        let now = self.now;
+        let t = &mut self.timers[i];
+        if t.alive {
+            t.kind = kind;
+            if let Kind::Period(p) = kind {
+                t.deadline = now + p;
+            }
+        }
+        t.alive
+    }
+
     fn remove_timer(&mut self, i: usize) -> bool {
-        let alive = std::mem::replace(&mut self.timers[i].2, false);
+        let alive = std::mem::replace(&mut self.timers[i].alive, false);
         if alive {
             self.removed_timers += 1;
         }
@@ -203,6 +286,11 @@ impl Model {
             Action::RemoveTimer(t) => {
                 if let Some(i) = self.timer_at(t) {
                     self.remove_timer(i);
+                }
+            }
+            Action::UpdateTimer(t, kind) => {
+                if let Some(i) = self.timer_at(t) {
+                    self.set_timer(i, kind);
                 }
             }
             Action::Invoke(mark) => self.invokes.push(mark),
@@ -234,16 +322,30 @@ impl Model {
             .filter(|w| w.3 && !ready[w.1].is_empty())
             .map(|w| w.0)
             .collect();
-        let due: Vec<u64> = self
+        // Due timers first: periodic ones whose deadline passed, by deadline then id (their
+        // deadlines are before the iteration's now), then every-iteration ones by id. Timer
+        // callbacks here change nothing, so all of them run.
+        let now = self.now;
+        let mut due: Vec<(u64, u64)> = self
             .timers
             .iter()
-            .filter(|t| t.1 && t.2)
-            .map(|t| t.0)
+            .filter(|t| t.alive && matches!(t.kind, Kind::Period(_)) && t.deadline <= now)
+            .map(|t| (t.deadline, t.id))
             .collect();
+        due.sort_unstable();
         let mut fired = Vec::new();
-        for id in due {
-            if self.timers.iter().any(|t| t.0 == id && t.1 && t.2) {
-                fired.push(Seen::Timer(id));
+        for (_, id) in due {
+            let t = self.timers.iter_mut().find(|t| t.id == id).unwrap();
+            let Kind::Period(p) = t.kind else {
+                unreachable!()
+            };
+            // The next deadline stays on the timer's grid; missed periods coalesce.
+            t.deadline += p * ((now - t.deadline) / p + 1);
+            fired.push(Seen::Timer(id));
+        }
+        for t in &self.timers {
+            if t.alive && t.kind == Kind::Every {
+                fired.push(Seen::Timer(t.id));
             }
         }
         for id in candidates {
@@ -322,6 +424,11 @@ fn watch_cb(ctx: Ctx) -> impl FnMut(&LoopHandle, WatchId, RawFd, Events) + Send 
                         let _ = h.remove_timeout(t);
                     }
                 }
+                Action::UpdateTimer(t, kind) => {
+                    if let Some(t) = pick(&ctx.timers, t) {
+                        let _ = h.update_timeout(t, kind.frequency());
+                    }
+                }
                 Action::Invoke(mark) => {
                     let log = ctx.log.clone();
                     h.invoke(move |_| log.push(Fired::Mark(mark))).unwrap();
@@ -347,8 +454,30 @@ fn on(threaded: bool, f: impl FnOnce() + Send) {
     }
 }
 
+/// Runs `ops` on a loop over `B` and on the model, with the clock standing still.
 fn check<B: Backend>(ops: &[Op]) -> Result<(), TestCaseError> {
-    let mut lp = EventLoop::<B>::new().map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let lp = EventLoop::<B>::new().map_err(|e| TestCaseError::fail(e.to_string()))?;
+    check_on(lp, None, ops)
+}
+
+/// [`check`] on the scripted backend, whose clock the `Advance` ops move.
+#[cfg(feature = "scripted")]
+fn check_scripted(ops: &[Op]) -> Result<(), TestCaseError> {
+    use vireo_backends::scripted::{Script, Scripted};
+    let script = Script::new();
+    let backend =
+        Scripted::with_script(script.clone()).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    let lp = EventLoop::with_backend(backend).map_err(|e| TestCaseError::fail(e.to_string()))?;
+    check_on(lp, Some(&|d| script.advance(d)), ops)
+}
+
+/// Runs `ops` on `lp` and on the model. `advance` moves the loop's clock; without it,
+/// `Advance` ops are skipped by both.
+fn check_on<B: Backend>(
+    mut lp: EventLoop<B>,
+    advance: Option<&dyn Fn(Duration)>,
+    ops: &[Op],
+) -> Result<(), TestCaseError> {
     let h = lp.handle().clone();
     let pairs: Vec<(OwnedFd, OwnedFd)> = (0..PAIRS).map(|_| socketpair()).collect();
     let ctx = Ctx {
@@ -410,41 +539,41 @@ fn check<B: Backend>(ops: &[Op]) -> Result<(), TestCaseError> {
                 on(*threaded, || ok = Some(h.remove_handle(id).is_ok()));
                 prop_assert_eq!(ok, Some(alive), "step {}: remove {:?}", step, id);
             }
-            Op::AddTimer { every } => {
-                model.next_timer += 1;
-                let expected = model.next_timer;
-                model.timers.push((expected, *every, true));
-                let freq = if *every {
-                    Frequency::EveryIteration
-                } else {
-                    Frequency::Disabled
-                };
+            Op::AddTimer { kind, threaded } => {
+                let expected = model.add_timer(*kind);
                 let tracked = ctx.timer_probe.tracked();
                 let log = ctx.log.clone();
-                let got = h
-                    .add_timeout(freq, move |_, id| {
-                        let _keep = &tracked;
-                        log.push(Fired::Timer(id));
-                    })
-                    .unwrap();
+                let mut got = None;
+                on(*threaded, || {
+                    got = Some(
+                        h.add_timeout(kind.frequency(), move |_, id| {
+                            let _keep = &tracked;
+                            log.push(Fired::Timer(id));
+                        })
+                        .unwrap(),
+                    );
+                });
+                let got = got.unwrap();
                 prop_assert_eq!(got.as_u64(), expected, "step {}", step);
                 ctx.timers.lock().unwrap().push(got);
             }
-            Op::UpdateTimer { t, every } => {
+            Op::UpdateTimer { t, kind, threaded } => {
                 let Some(i) = model.timer_at(*t) else {
                     continue;
                 };
                 let id = ctx.timers.lock().unwrap()[i];
-                let alive = model.timers[i].2;
-                if alive {
-                    model.timers[i].1 = *every;
+                let alive = model.set_timer(i, *kind);
+                let mut ok = None;
+                on(*threaded, || {
+                    ok = Some(h.update_timeout(id, kind.frequency()).is_ok())
+                });
+                prop_assert_eq!(ok, Some(alive), "step {}", step);
+            }
+            Op::Advance(units) => {
+                if let Some(advance) = advance {
+                    advance(UNIT * *units as u32);
+                    model.now += units;
                 }
-                let freq = if *every {
-                    Frequency::EveryIteration
-                } else {
-                    Frequency::Disabled
-                };
-                prop_assert_eq!(h.update_timeout(id, freq).is_ok(), alive, "step {}", step);
             }
             Op::RemoveTimer { t, threaded } => {
                 let Some(i) = model.timer_at(*t) else {
@@ -530,7 +659,15 @@ model_test!(poll, "poll", vireo_backends::Poll);
 model_test!(epoll, "epoll", vireo_backends::Epoll);
 model_test!(io_uring, "io-uring", vireo_backends::IoUring);
 model_test!(portable, "portable", vireo_backends::Portable);
-model_test!(scripted, "scripted", vireo_backends::Scripted);
+
+#[cfg(feature = "scripted")]
+proptest! {
+    #![proptest_config(config())]
+    #[test]
+    fn scripted(ops in proptest::collection::vec(op(), 1..60)) {
+        check_scripted(&ops)?;
+    }
+}
 
 /// Shrunk failures, kept as regression tests on every backend.
 mod regressions {
@@ -579,5 +716,10 @@ mod regressions {
     regression!(epoll, "epoll", vireo_backends::Epoll);
     regression!(io_uring, "io-uring", vireo_backends::IoUring);
     regression!(portable, "portable", vireo_backends::Portable);
-    regression!(scripted, "scripted", vireo_backends::Scripted);
+
+    #[cfg(feature = "scripted")]
+    #[test]
+    fn scripted() {
+        check_scripted(&consumed_between_iterations()).unwrap();
+    }
 }
