@@ -212,9 +212,19 @@ pub fn run(
                 }
             }
             Err(e) => {
-                outcome = Err(e);
+                outcome = Err(io::Error::new(
+                    e.kind(),
+                    format!(
+                        "window {} at {:.0} s: the load generator failed: {e}",
+                        result.windows + 1,
+                        start.elapsed().as_secs_f64()
+                    ),
+                ));
                 break;
             }
+        }
+        if running.is_finished() {
+            break; // the server stopped by itself: reported below
         }
         result.windows += 1;
         progress(start.elapsed(), &result);
@@ -227,10 +237,31 @@ pub fn run(
     result.min_workers_seen = seen.min_workers.min(seen.max_workers);
     result.max_workers_seen = seen.max_workers;
     result.samples = sampler.join().unwrap_or_default();
+    // A server that stopped before it was told to is the first thing to report: the load
+    // generator's error (its socket gone) only follows from it.
+    let stopped_early = running.is_finished();
     stop.shutdown();
-    let _ = running.join();
+    let served = match running.join() {
+        Ok(Ok(_)) if !stopped_early => Ok(()),
+        Ok(Ok(_)) => Err(io::Error::other(format!(
+            "the server stopped at {:.0} s without being asked",
+            start.elapsed().as_secs_f64()
+        ))),
+        Ok(Err(e)) => Err(io::Error::new(
+            e.kind(),
+            format!("the server failed: {e} ({e:?})"),
+        )),
+        Err(panic) => Err(io::Error::other(format!(
+            "the server panicked: {}",
+            panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("(no message)")
+        ))),
+    };
     let _ = std::fs::remove_dir_all(&dir);
-    outcome.map(|()| result)
+    served.and(outcome).map(|()| result)
 }
 
 /// What the limits thread saw.
@@ -282,7 +313,7 @@ pub fn report(r: &SoakResult, opts: &SoakOptions) -> Report {
     let mut rep = Report {
         bench: "soak".into(),
         intro: vec![format!(
-            "vireo-bench soak on {}: {:.0} s, {} windows of {} clients (connect, {:.0} s of ECHO/HASH/SLEEP 20 ms/STATS, disconnect), SET_LIMITS every second; RSS and fds of this process (server and load) sampled every second, compared after a {:.0} s warm-up",
+            "vireo-bench soak on {}: {:.0} s, {} windows of {} clients (connect, {:.1} s of ECHO/HASH/SLEEP 20 ms/STATS, disconnect), SET_LIMITS every second; RSS and fds of this process (server and load) sampled every second, compared after a {:.0} s warm-up",
             r.backend,
             total,
             r.windows,
