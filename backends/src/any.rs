@@ -295,8 +295,37 @@ impl Backend for AnyBackend {
         AnyBackend::with_choice(Choice::from_env()?)
     }
 
+    /// The same kind as this one, also when it was chosen by `auto`: a loop that starts over
+    /// stays on the backend it reported.
+    fn fresh(&self) -> io::Result<Self> {
+        let inner = match &self.inner {
+            #[cfg(feature = "poll")]
+            Inner::Poll(b) => b.fresh().map(Inner::Poll),
+            #[cfg(all(feature = "epoll", any(target_os = "linux", target_os = "android")))]
+            Inner::Epoll(b) => b.fresh().map(Inner::Epoll),
+            #[cfg(all(feature = "io-uring", target_os = "linux"))]
+            Inner::IoUring(b) => b.fresh().map(Inner::IoUring),
+            #[cfg(feature = "portable")]
+            Inner::Portable(b) => b.fresh().map(Inner::Portable),
+        }?;
+        Ok(AnyBackend {
+            inner,
+            kind: self.kind,
+            explicit: self.explicit,
+            fallbacks: self.fallbacks.clone(),
+        })
+    }
+
     fn name(&self) -> &'static str {
         self.kind.name()
+    }
+
+    fn clock(&self) -> Option<vireo_core::Clock> {
+        each!(&self.inner, b => b.clock())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        each!(&mut self.inner, b => b.flush())
     }
 
     fn info(&self) -> BackendInfo {

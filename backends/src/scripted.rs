@@ -201,6 +201,20 @@ impl Backend for Scripted {
         Scripted::with_script(Script::new())
     }
 
+    /// Over a fresh poll instance (or nothing, when detached), following the same script;
+    /// the script forgets its fds, which the loop registers again.
+    fn fresh(&self) -> io::Result<Self> {
+        let base = match &self.base {
+            Some(base) => Some(base.fresh()?),
+            None => None,
+        };
+        self.script.state().tokens.clear();
+        Ok(Scripted {
+            base,
+            script: self.script.clone(),
+        })
+    }
+
     fn clock(&self) -> Option<Clock> {
         let script = self.script.clone();
         Some(Clock::new(move || script.now()))
@@ -293,6 +307,29 @@ impl Scripted {
         match Script::fault(&mut st, op) {
             Some(errno) => Err(errno.into()),
             None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fresh instance (what the loop starts over on) follows the same script, detached or not.
+    #[test]
+    fn a_fresh_instance_keeps_the_script() {
+        let script = Script::new();
+        for backend in [
+            Scripted::with_script(script.clone()).unwrap(),
+            Scripted::detached(script.clone()),
+        ] {
+            let mut fresh = backend.fresh().unwrap();
+            assert_eq!(fresh.base.is_some(), backend.base.is_some());
+            script.take_calls();
+            script.fail_next(Op::Wait, Errno::NOMEM);
+            let mut ready = Vec::new();
+            assert!(fresh.wait(&mut ready, Some(Duration::ZERO)).is_err());
+            assert_eq!(script.take_calls(), [Call::Wait(Some(Duration::ZERO))]);
         }
     }
 }

@@ -96,6 +96,8 @@ pub struct SoakResult {
     pub min_workers_seen: u64,
     /// Most workers seen.
     pub max_workers_seen: u64,
+    /// Times the server's loop started over on a fresh backend instance (from `STATS`).
+    pub backend_rebuilds: u64,
     /// Windows of load run (each connects and disconnects every client).
     pub windows: u64,
     /// One sample per second.
@@ -157,7 +159,8 @@ pub fn run(
                 });
                 seen.made += 1;
                 match outcome.ok().and_then(|s| pool_stats(&s)) {
-                    Some((depth, workers)) => {
+                    Some((depth, workers, rebuilds)) => {
+                        seen.rebuilds = rebuilds;
                         seen.max_queue_depth = seen.max_queue_depth.max(depth);
                         seen.min_workers = seen.min_workers.min(workers);
                         seen.max_workers = seen.max_workers.max(workers);
@@ -236,6 +239,7 @@ pub fn run(
     result.max_queue_depth = seen.max_queue_depth;
     result.min_workers_seen = seen.min_workers.min(seen.max_workers);
     result.max_workers_seen = seen.max_workers;
+    result.backend_rebuilds = seen.rebuilds;
     result.samples = sampler.join().unwrap_or_default();
     // A server that stopped before it was told to is the first thing to report: the load
     // generator's error (its socket gone) only follows from it.
@@ -272,15 +276,17 @@ struct PoolSeen {
     max_queue_depth: u64,
     min_workers: u64,
     max_workers: u64,
+    rebuilds: u64,
 }
 
-/// `(queue_depth, workers)` from a STATS reply.
-fn pool_stats(json: &str) -> Option<(u64, u64)> {
+/// `(queue_depth, workers, backend_rebuilds)` from a STATS reply.
+fn pool_stats(json: &str) -> Option<(u64, u64, u64)> {
     let v: serde_json::Value = serde_json::from_str(json).ok()?;
     let pool = v.get("pool")?;
     Some((
         pool.get("queue_depth")?.as_u64()?,
         pool.get("workers")?.as_u64()?,
+        v.get("loop")?.get("backend_rebuilds")?.as_u64()?,
     ))
 }
 
@@ -340,6 +346,10 @@ pub fn report(r: &SoakResult, opts: &SoakOptions) -> Report {
             ),
         ),
         (
+            "server loop: backend rebuilds",
+            r.backend_rebuilds.to_string(),
+        ),
+        (
             "RSS KiB, 1st / 2nd half median",
             format!("{rss_a} / {rss_b}"),
         ),
@@ -364,7 +374,7 @@ pub fn report(r: &SoakResult, opts: &SoakOptions) -> Report {
         "clients": opts.clients, "sent": r.sent, "received": r.received, "errors": r.errors,
         "limit_changes": r.limit_changes, "limit_errors": r.limit_errors,
         "max_queue_depth": r.max_queue_depth, "min_workers_seen": r.min_workers_seen,
-        "max_workers_seen": r.max_workers_seen,
+        "max_workers_seen": r.max_workers_seen, "backend_rebuilds": r.backend_rebuilds,
         "rss_kib_first_half": rss_a, "rss_kib_second_half": rss_b,
         "heap_kib_first_half": heap_a, "heap_kib_second_half": heap_b,
         "fds_first_half": fds_a, "fds_second_half": fds_b, "fds_max": max_fds,

@@ -70,7 +70,20 @@ pub fn available<B: vireo_core::Backend>() -> bool {
         eprintln!("skipped: {SKIP_ENV} names the {} backend", B::NAME);
         return false;
     }
-    match unavailable_reason::<B>() {
+    let why = match B::new() {
+        // A backend that chooses at run time (`AnyBackend`) is skipped with the one it chose.
+        Ok(b) if is_skipped(b.name()) => {
+            eprintln!(
+                "skipped: {SKIP_ENV} names the {} backend, which {} chose",
+                b.name(),
+                B::NAME
+            );
+            return false;
+        }
+        Ok(_) => None,
+        Err(e) => Some(e.to_string()),
+    };
+    match why {
         None => true,
         Some(why) if is_required(B::NAME) => {
             panic!(

@@ -167,6 +167,20 @@ pub trait Backend: Sized {
     /// Whatever the kernel says when the mechanism is unavailable.
     fn new() -> io::Result<Self>;
 
+    /// A new, empty instance configured like this one. The loop calls it to start over when
+    /// the kernel keeps reporting a registration that cannot be deleted any more (see
+    /// [`LoopStats::backend_rebuilds`](crate::LoopStats::backend_rebuilds)); the replacement
+    /// must be the same mechanism with the same options, or a loop built on one backend would
+    /// silently continue on another. The default is [`Backend::new`]; a backend whose
+    /// instances differ (one chosen at run time, one sharing a test's script) overrides it.
+    ///
+    /// # Errors
+    ///
+    /// As [`Backend::new`].
+    fn fresh(&self) -> io::Result<Self> {
+        Self::new()
+    }
+
     /// Starts watching `fd` for `interest`, reporting it with `token`.
     ///
     /// # Errors

@@ -482,7 +482,7 @@ impl<B: Backend> EventLoop<B> {
     /// registration can no longer be deleted and would report the old file forever. Only a new
     /// epoll instance drops it. poll never gets here (it rebuilds its array from the table).
     fn replace_backend(&mut self) -> io::Result<()> {
-        let mut backend = B::new()?;
+        let mut backend = self.backend.fresh()?;
         backend.register(
             self.handle.shared.waker.raw_fd(),
             Token::WAKER,

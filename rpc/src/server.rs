@@ -180,6 +180,7 @@ struct Counters {
     clients: AtomicUsize,
     iterations: AtomicU64,
     dispatched: AtomicU64,
+    backend_rebuilds: AtomicU64,
     calls_received: AtomicU64,
     replies_sent: AtomicU64,
 }
@@ -525,6 +526,16 @@ impl Server {
             let stats = self.event_loop.stats();
             self.counters.iterations.store(stats.iterations, SeqCst);
             self.counters.dispatched.store(stats.dispatched, SeqCst);
+            let rebuilds = self
+                .counters
+                .backend_rebuilds
+                .swap(stats.backend_rebuilds, SeqCst);
+            if stats.backend_rebuilds > rebuilds {
+                tracing::warn!(
+                    backend = self.event_loop.backend_name(),
+                    "the kernel kept a registration of a closed fd: the loop started over on a fresh backend instance"
+                );
+            }
         }
         let summary = {
             let mut st = lock(&self.state);
@@ -1122,6 +1133,7 @@ fn stats_json(pool: &Pool, counters: &Counters) -> String {
         "loop": {
             "iterations": counters.iterations.load(SeqCst),
             "dispatched": counters.dispatched.load(SeqCst),
+            "backend_rebuilds": counters.backend_rebuilds.load(SeqCst),
         },
         "clients": counters.clients.load(SeqCst),
         "calls_received": counters.calls_received.load(SeqCst),
