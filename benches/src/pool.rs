@@ -336,6 +336,15 @@ pub fn wake_latency(system: &System, samples: usize, burst: bool) -> Vec<Duratio
     std::mem::take(&mut *out)
 }
 
+/// A ratio for the table; `-` when its baseline was not run.
+fn ratio(r: f64) -> String {
+    if r.is_finite() {
+        format!("{r:.2}")
+    } else {
+        "-".into()
+    }
+}
+
 /// What `vireo-bench scaling` measures.
 #[derive(Debug, Clone)]
 pub struct ScalingOptions {
@@ -427,8 +436,8 @@ pub fn scaling(opts: &ScalingOptions, progress: &dyn Fn(&str)) -> Report {
                 system.clone(),
                 workers.to_string(),
                 format!("{:.3}", rate / 1e6),
-                format!("{:.2}", rate / alone),
-                format!("{:.2}", rate / mutex),
+                ratio(rate / alone),
+                ratio(rate / mutex),
             ]);
             rep.json.push(serde_json::json!({
                 "bench": "scaling", "system": system, "workers": workers, "jobs": opts.jobs,
