@@ -168,6 +168,7 @@ macro_rules! __conformance_cases {
             lifecycle::timer_state_dropped_once_after_remove,
             lifecycle::dropping_loop_drops_everything,
             lifecycle::remove_close_reopen_readd_no_stale_event,
+            lifecycle::removed_fd_reused_by_an_unpollable_file_is_no_error,
             lifecycle::regular_file_always_ready,
             lifecycle::closed_while_registered_is_silent,
             lifecycle::net_zero_changes_cost_no_kernel_change,

@@ -129,8 +129,8 @@ impl std::fmt::Debug for Clock {
 ///    io_uring poll already in flight holds its own reference to the file) before it goes
 ///    silent (poll silences `POLLNVAL`; epoll loses the registration with the last reference
 ///    to the file; io_uring's re-arm fails with `EBADF`). A later
-///    [`deregister`](Backend::deregister) may fail with `EBADF` or `ENOENT`, which the core
-///    ignores. Readiness the backend cannot attribute to a current registration (the kernel
+///    [`deregister`](Backend::deregister) may fail with `EBADF`, `ENOENT` or `EPERM` (the
+///    number reused by a file that cannot be polled), which the core ignores. Readiness the backend cannot attribute to a current registration (the kernel
 ///    kept a registration for a file that was closed and replaced) is reported with
 ///    [`Token::UNKNOWN`] or its old token, never with a current one.
 /// 8. **Timeouts.** `wait(None)` blocks until an event or a wakeup; `wait(Some(d))` returns
@@ -199,8 +199,8 @@ pub trait Backend: Sized {
     ///
     /// # Errors
     ///
-    /// The kernel's error; `EBADF` and `ENOENT` (the fd was closed while registered) are
-    /// ignored by the core.
+    /// The kernel's error; `EBADF`, `ENOENT` and `EPERM` (the fd was closed while registered,
+    /// and its number may name another file by now) are ignored by the core.
     fn deregister(&mut self, fd: RawFd, token: Token) -> io::Result<()>;
 
     /// Called after each batch of registration changes, before the loop returns or waits. A

@@ -110,10 +110,15 @@ pub(crate) struct State {
     pub(crate) kernel_changes: u64,
 }
 
+/// Errors that mean the fd number no longer names the file the kernel registered: closed
+/// (`EBADF`), reused by another file (`ENOENT`), or reused by a file that cannot be polled at
+/// all (`EPERM`: epoll refuses every operation on a directory or a procfs file, also `DEL`).
+/// A program may close an fd as soon as `remove_handle` returns, before the loop applies the
+/// removal, and any thread may open a file under that number in between.
 fn ignorable_deregister_error(e: &io::Error) -> bool {
     matches!(
         rustix::io::Errno::from_io_error(e),
-        Some(rustix::io::Errno::BADF | rustix::io::Errno::NOENT)
+        Some(rustix::io::Errno::BADF | rustix::io::Errno::NOENT | rustix::io::Errno::PERM)
     )
 }
 

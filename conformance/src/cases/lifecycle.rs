@@ -217,6 +217,43 @@ pub fn remove_close_reopen_readd_no_stale_event<B: Backend>() {
     }
 }
 
+/// A program may close an fd as soon as `remove_handle` returns, before the loop has applied
+/// the removal, and another thread may open a file under the freed number in between. When
+/// that file cannot be polled at all (a directory, a procfs file: epoll refuses even `DEL`
+/// on it with `EPERM`), the loop still runs without an error, and a watch added for the new
+/// file behaves as for any file that cannot be polled.
+pub fn removed_fd_reused_by_an_unpollable_file_is_no_error<B: Backend>() {
+    let mut lp = new_loop::<B>();
+    let h = lp.handle().clone();
+    let (mut reader, w) = pipe();
+    write(&w, b"x");
+    let log = Recorder::new();
+    let old = h
+        .add_handle(raw(&reader), Events::READABLE, log.watch())
+        .unwrap();
+    run_until(&mut lp, "READABLE", || !log.is_empty());
+    h.remove_handle(old).unwrap();
+    // Close the number and open a directory on it, atomically: dup2 over it.
+    let dir = rustix::fs::open(
+        "/",
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .unwrap();
+    rustix::io::dup2(&dir, &mut reader).unwrap();
+    log.take();
+    run_iterations(&mut lp, 2);
+    assert!(log.is_empty(), "a removed watch fired: {:?}", log.take());
+    // The number now names a directory: always ready, like a regular file.
+    let new = h
+        .add_handle(raw(&reader), Events::READABLE, log.watch())
+        .unwrap();
+    run_iterations(&mut lp, 1);
+    assert_eq!(log.events_of(new), vec![Events::READABLE]);
+    h.remove_handle(new).unwrap();
+    run_iterations(&mut lp, 1);
+}
+
 /// Regular files are always ready for the whole interest, on every backend.
 pub fn regular_file_always_ready<B: Backend>() {
     let mut lp = new_loop::<B>();
