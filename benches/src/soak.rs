@@ -125,6 +125,8 @@ pub fn run(
         min_workers: 2,
         max_workers: 8,
         prio_workers: 2,
+        // The soak moves the limits with SET_LIMITS.
+        allow_set_limits: true,
         ..ServerConfig::default()
     })?;
     let mut result = SoakResult {

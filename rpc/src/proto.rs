@@ -285,10 +285,13 @@ const FIRST_CHUNK: usize = 4 * 1024;
 
 /// Assembles frames from a byte stream that arrives in pieces of any size.
 ///
-/// Memory stays bounded: the buffer holds at most the frame being assembled (whose length was
-/// checked against the limit before any room is made for it) plus one read of at most 64 KiB.
-/// The buffer is kept between reads, so its bytes are initialized once, not on every read; a
-/// connection that sends small calls keeps a small buffer (4 KiB to start).
+/// Memory follows the bytes that actually arrived, not what a length word announces: each
+/// read offers room for at most as many bytes as are already buffered (at least 4 KiB, never
+/// past the end of the frame being assembled plus 64 KiB), so a peer that announces a 16 MiB
+/// frame and sends one more byte costs about 4 KiB, and a whole 16 MiB frame is assembled in
+/// a logarithmic number of doublings. The buffer is kept between reads, so its bytes are
+/// initialized once, not on every read; a connection that sends small calls keeps a small
+/// buffer (4 KiB to start).
 #[derive(Debug)]
 pub struct FrameReader {
     /// Initialized storage; `pos..end` holds the unconsumed bytes.
@@ -325,6 +328,12 @@ impl FrameReader {
     /// Bytes received and not yet returned as frames.
     pub fn buffered(&self) -> usize {
         self.end - self.pos
+    }
+
+    /// The length (length word included) of the frame being assembled, once its length word
+    /// has arrived and is valid.
+    pub fn pending_frame_len(&mut self) -> Option<usize> {
+        self.front_len().ok().flatten()
     }
 
     /// Bytes this reader holds room for.
@@ -384,7 +393,10 @@ impl FrameReader {
     /// (then nothing is read: the stream is unusable).
     pub fn read_from(&mut self, source: &mut impl Read) -> io::Result<usize> {
         let front = self.front_len()?.unwrap_or(0);
-        let want = front.saturating_sub(self.buffered()) + self.chunk;
+        let missing = front.saturating_sub(self.buffered());
+        // Grow geometrically with what arrived: never make room for the whole announced frame
+        // up front, or a length word alone would commit (and zero) 16 MiB.
+        let want = (missing + self.chunk).min(self.chunk.max(self.buffered()));
         self.reserve(want);
         let n = source.read(&mut self.buf[self.end..self.end + want])?;
         self.end += n;
@@ -524,12 +536,32 @@ mod tests {
     }
 
     #[test]
-    fn read_from_never_reserves_beyond_the_frame_and_one_chunk() {
+    fn memory_grows_with_the_bytes_that_arrived_not_with_the_length_word() {
+        // A stream that claims a 16 MiB frame, then sends one byte at a time.
         let mut r = FrameReader::new(MAX_MESSAGE);
-        // A stream that claims a 16 MiB frame and then trickles.
-        let mut src: &[u8] = &frame(MAX_MESSAGE as u32 + 4)[..8];
+        let word = (MAX_MESSAGE as u32 + 4).to_be_bytes();
+        let mut src: &[u8] = &word;
         r.read_from(&mut src).unwrap();
-        assert!(r.capacity() <= MAX_MESSAGE + 4 + 2 * READ_CHUNK);
+        for _ in 0..3 {
+            let mut src: &[u8] = &[0];
+            r.read_from(&mut src).unwrap();
+        }
+        assert_eq!(r.buffered(), 7);
+        assert!(r.capacity() <= 2 * FIRST_CHUNK, "{}", r.capacity());
+        // The whole frame still arrives, through doublings.
+        let body = vec![7u8; MAX_MESSAGE - 3];
+        let mut src: &[u8] = &body;
+        let mut reads = 0;
+        while !src.is_empty() {
+            let before = r.buffered();
+            r.read_from(&mut src).unwrap();
+            assert!(r.buffered() - before <= before.max(READ_CHUNK));
+            reads += 1;
+        }
+        assert!(reads < 64, "{reads} reads for 16 MiB");
+        let frame = r.next_frame().unwrap().expect("a whole frame");
+        assert_eq!(frame.payload.len(), MAX_MESSAGE - HEADER_LEN);
+        // Without a length word, one chunk.
         let mut r = FrameReader::new(MAX_MESSAGE);
         let mut src: &[u8] = &[0, 0, 0];
         r.read_from(&mut src).unwrap();

@@ -136,7 +136,26 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Answer [`TEST_PANIC_PROCEDURE`] (fault-injection tests only).
     pub test_procedures: bool,
+    /// Accept `SET_LIMITS` from clients of the listen addresses (off by default: any client
+    /// could otherwise start or starve the pool's workers). Refused calls get an `ERROR` reply.
+    pub allow_set_limits: bool,
+    /// The highest worker count the server uses: `bind` refuses `min_workers`,
+    /// `max_workers` or `prio_workers` above it, and `SET_LIMITS` answers `ERROR` for a limit
+    /// above it (64).
+    pub worker_ceiling: usize,
+    /// Input the server may buffer for large frames of all clients together (256 MiB; at
+    /// least `max_message_size`). A client whose frame is longer than [`UNBUDGETED_INPUT`]
+    /// reserves the rest of that frame from this budget before reading past it; when the
+    /// budget has no room, reading from that client pauses until other large frames complete
+    /// or their clients leave. Its data waits in its socket, nothing is dropped, a frame that
+    /// got its reservation always completes, and clients sending smaller frames are never held
+    /// up. Memory follows the bytes that arrived, not the reservations.
+    pub max_buffered_input: usize,
 }
+
+/// Bytes of a frame that any client may buffer without a reservation from
+/// [`ServerConfig::max_buffered_input`] (128 KiB).
+pub const UNBUDGETED_INPUT: usize = 128 * 1024;
 
 impl Default for ServerConfig {
     fn default() -> ServerConfig {
@@ -155,6 +174,9 @@ impl Default for ServerConfig {
             accept_retry: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(10),
             test_procedures: false,
+            allow_set_limits: false,
+            worker_ceiling: 64,
+            max_buffered_input: 256 * 1024 * 1024,
         }
     }
 }
@@ -290,6 +312,21 @@ struct Client {
     in_flight: usize,
     last_rx: Instant,
     pings_left: u32,
+    /// The peer shut its side down: nothing more is read; the client is closed once every
+    /// call received is answered and its reply written.
+    eof: bool,
+    /// Not read until the input budget has room again (see `max_buffered_input`).
+    rx_paused: bool,
+    /// Bytes this client reserved from the input budget for the frame it assembles.
+    rx_charged: usize,
+}
+
+impl Client {
+    /// Calls still in the workers: the client waits on the server, so its silence (it is
+    /// not read while throttled) says nothing about whether it is alive.
+    fn awaiting_replies(&self) -> bool {
+        self.in_flight > self.tx.iter().filter(|o| o.tracked).count()
+    }
 }
 
 /// Why a client is closed.
@@ -352,6 +389,10 @@ struct State {
     next_uid: u64,
     shutting_down: bool,
     summary: ServerSummary,
+    /// Sum of the clients' `rx_charged`: the input budget in use.
+    rx_total: usize,
+    /// Clients paused for the input budget, as `(key, uid)`.
+    rx_paused: Vec<(usize, u64)>,
 }
 
 /// A bound server, ready to [`run`](Server::run).
@@ -389,6 +430,24 @@ impl Server {
         if config.max_client_requests == 0 || config.max_clients == 0 {
             return invalid("max_client_requests and max_clients must be at least 1");
         }
+        if config.max_buffered_input < config.max_message_size {
+            return invalid(
+                "max_buffered_input must hold at least one message of max_message_size",
+            );
+        }
+        let most = config
+            .min_workers
+            .max(config.max_workers)
+            .max(config.prio_workers);
+        if most > config.worker_ceiling {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{most} workers is above the worker ceiling of {} (raise worker_ceiling)",
+                    config.worker_ceiling
+                ),
+            ));
+        }
         let pool = Pool::builder()
             .min_workers(config.min_workers)
             .max_workers(config.max_workers)
@@ -419,6 +478,7 @@ impl Server {
                     completions: Completions::default(),
                     pool: Arc::downgrade(&pool),
                     counters: Arc::clone(&counters),
+                    worker_ceiling: config.worker_ceiling,
                 }),
                 config,
                 listeners: Vec::new(),
@@ -429,6 +489,8 @@ impl Server {
                 next_uid: 1,
                 shutting_down: false,
                 summary: ServerSummary::default(),
+                rx_total: 0,
+                rx_paused: Vec::new(),
             })
         });
         {
@@ -663,6 +725,9 @@ impl State {
             in_flight: 0,
             last_rx: Instant::now(),
             pings_left: self.config.keepalive_count,
+            eof: false,
+            rx_paused: false,
+            rx_charged: 0,
         });
         self.summary.clients_accepted += 1;
         self.counters.clients.store(self.clients.len(), SeqCst);
@@ -673,14 +738,30 @@ impl State {
         if self.clients.get(key).is_none_or(|c| c.uid != uid) {
             return;
         }
-        // Write before read, as libvirt: a reply written may lift the throttle.
+        // Write before read, as libvirt: a reply written may lift the throttle. A hang-up
+        // with replies queued is settled by the write's error.
         let mut outcome = Ok(());
-        if events.contains(Events::WRITABLE) {
+        let failed = events.intersects(Events::HANGUP | Events::ERROR);
+        if events.contains(Events::WRITABLE) || (failed && !self.clients[key].tx.is_empty()) {
             outcome = self.write_out(key);
         }
-        if outcome.is_ok() && events.intersects(Events::READABLE | Events::HANGUP | Events::ERROR) {
+        if outcome.is_ok() && events.intersects(Events::READABLE) | failed {
             outcome = self.read_in(key);
         }
+        self.settle(h, key, outcome);
+    }
+
+    /// After a client's reads and writes: closes it when they failed or when it has shut
+    /// its side down and is owed nothing more, else sets what its watch waits for.
+    fn settle(&mut self, h: &LoopHandle, key: usize, outcome: Result<(), Close>) {
+        let outcome = outcome.and_then(|()| {
+            let c = &self.clients[key];
+            if c.eof && c.in_flight == 0 && c.tx.is_empty() {
+                Err(Close::Gone("disconnected".into()))
+            } else {
+                Ok(())
+            }
+        });
         match outcome {
             Ok(()) => self.refresh_interest(h, key),
             Err(why) => {
@@ -688,6 +769,46 @@ impl State {
                 self.check_limits(h);
             }
         }
+        self.resume_paused(h);
+    }
+
+    /// Reserves from the input budget what client `key`'s frame needs beyond
+    /// [`UNBUDGETED_INPUT`], releasing what it no longer needs. Returns false (and holds no
+    /// reservation) when the budget has no room for it.
+    fn reserve_input(&mut self, key: usize) -> bool {
+        let budget = self.config.max_buffered_input;
+        let c = &mut self.clients[key];
+        let need = c
+            .reader
+            .pending_frame_len()
+            .map_or(0, |len| len.saturating_sub(UNBUDGETED_INPUT));
+        let others = self.rx_total - c.rx_charged;
+        let fits = others + need <= budget;
+        c.rx_charged = if fits { need } else { 0 };
+        self.rx_total = others + c.rx_charged;
+        fits
+    }
+
+    /// Reads again from clients paused for the input budget whose reservation now fits, in
+    /// the order they were paused.
+    fn resume_paused(&mut self, h: &LoopHandle) {
+        if self.rx_paused.is_empty() || self.rx_total >= self.config.max_buffered_input {
+            return;
+        }
+        let mut still = Vec::new();
+        for (key, uid) in std::mem::take(&mut self.rx_paused) {
+            if self.clients.get(key).is_none_or(|c| c.uid != uid) {
+                continue;
+            }
+            if self.reserve_input(key) {
+                self.clients[key].rx_paused = false;
+                // The watch's level trigger reports the data still waiting in the socket.
+                self.refresh_interest(h, key);
+            } else {
+                still.push((key, uid));
+            }
+        }
+        self.rx_paused = still;
     }
 
     fn throttled(&self, c: &Client) -> bool {
@@ -697,18 +818,32 @@ impl State {
     /// Reads what the socket has (a bounded number of reads) and dispatches whole frames.
     fn read_in(&mut self, key: usize) -> Result<(), Close> {
         for _ in 0..16 {
-            let c = &mut self.clients[key];
-            if c.in_flight >= self.config.max_client_requests || self.shutting_down {
+            let c = &self.clients[key];
+            if c.in_flight >= self.config.max_client_requests
+                || self.shutting_down
+                || c.eof
+                || c.rx_paused
+            {
                 return Ok(());
             }
+            if !self.reserve_input(key) {
+                let c = &mut self.clients[key];
+                c.rx_paused = true;
+                self.rx_paused.push((key, c.uid));
+                tracing::debug!(peer = %c.peer, uid = c.uid, buffered = c.reader.buffered(),
+                    "input budget spent: reading paused");
+                return Ok(());
+            }
+            let c = &mut self.clients[key];
             match c.reader.read_from(&mut c.stream) {
                 Ok(0) => {
+                    // The peer shut its side down (or closed): answer what it sent, then
+                    // close, as libvirt does for a client that stops sending.
+                    c.eof = true;
                     let partial = c.reader.buffered();
-                    return Err(Close::Gone(if partial > 0 {
-                        format!("disconnected with {partial} bytes of an unfinished frame")
-                    } else {
-                        "disconnected".into()
-                    }));
+                    tracing::debug!(peer = %c.peer, uid = c.uid, partial,
+                        in_flight = c.in_flight, "end of input");
+                    return self.dispatch_frames(key);
                 }
                 Ok(_) => {
                     c.last_rx = Instant::now();
@@ -744,6 +879,8 @@ impl State {
                 Ok(None) => return Ok(()),
                 Err(e) => return Err(Close::Dropped(e.to_string())),
             };
+            // The next frame may need less of the budget (or more: then the next read asks).
+            self.reserve_input(key);
             self.dispatch(key, frame)?;
         }
     }
@@ -771,6 +908,11 @@ impl State {
             && !(self.config.test_procedures && h.procedure == TEST_PANIC_PROCEDURE)
         {
             Some(format!("unknown procedure: {}", h.procedure))
+        } else if h.procedure == Procedure::SetLimits as u32 && !self.config.allow_set_limits {
+            Some(
+                "SET_LIMITS is not allowed on this server (start it with --allow-set-limits)"
+                    .to_owned(),
+            )
         } else {
             None
         };
@@ -842,13 +984,8 @@ impl State {
             if self.clients.get(key).is_none_or(|c| c.uid != uid) {
                 continue;
             }
-            match self.write_out(key) {
-                Ok(()) => self.refresh_interest(h, key),
-                Err(why) => {
-                    self.close(key, why);
-                    self.check_limits(h);
-                }
-            }
+            let outcome = self.write_out(key);
+            self.settle(h, key, outcome);
         }
     }
 
@@ -925,7 +1062,8 @@ impl State {
     }
 
     fn refresh_interest(&mut self, h: &LoopHandle, key: usize) {
-        let reading = !self.shutting_down && !self.throttled(&self.clients[key]);
+        let c = &self.clients[key];
+        let reading = !self.shutting_down && !self.throttled(c) && !c.eof && !c.rx_paused;
         let c = &mut self.clients[key];
         let mut want = Events::empty();
         if reading {
@@ -944,6 +1082,7 @@ impl State {
         let Some(c) = self.clients.try_remove(key) else {
             return;
         };
+        self.rx_total -= c.rx_charged;
         let _ = self.handle.remove_handle(c.watch);
         match why {
             Close::Gone(why) => tracing::debug!(peer = %c.peer, uid = c.uid, %why, "client closed"),
@@ -962,6 +1101,14 @@ impl State {
             return;
         };
         let now = Instant::now();
+        for (_, c) in self.clients.iter_mut() {
+            if c.awaiting_replies() || c.rx_paused {
+                // Not read while it waits on the server: its pongs cannot be seen, and time
+                // spent so does not count against it.
+                c.last_rx = now;
+                c.pings_left = self.config.keepalive_count;
+            }
+        }
         let keys: Vec<usize> = self
             .clients
             .iter()
@@ -984,13 +1131,7 @@ impl State {
             let outcome = self
                 .queue(key, ping, false)
                 .and_then(|()| self.write_out(key));
-            match outcome {
-                Ok(()) => self.refresh_interest(h, key),
-                Err(why) => {
-                    self.close(key, why);
-                    self.check_limits(h);
-                }
-            }
+            self.settle(h, key, outcome);
         }
     }
 
@@ -1043,6 +1184,7 @@ struct WorkerCtx {
     completions: Completions,
     pool: std::sync::Weak<Pool>,
     counters: Arc<Counters>,
+    worker_ceiling: usize,
 }
 
 /// Decodes, runs and encodes one call (on a worker thread).
@@ -1078,6 +1220,13 @@ fn execute(frame: &Frame, ctx: &WorkerCtx) -> Vec<u8> {
             };
             match decode_limits(p) {
                 Err(why) => err(&why),
+                Ok(limits) if limits.iter().flatten().any(|&n| n > ctx.worker_ceiling) => {
+                    let n = limits.iter().flatten().max().copied().unwrap_or(0);
+                    err(&format!(
+                        "worker limit {n} is above this server's ceiling of {}",
+                        ctx.worker_ceiling
+                    ))
+                }
                 Ok([min, max, prio]) => match pool.set_limits(min, max, prio) {
                     Ok(()) => ok(&[]),
                     Err(e @ (LimitsError::MinAboveMax { .. } | LimitsError::NoWorkers)) => {

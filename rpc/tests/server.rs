@@ -15,7 +15,7 @@ use vireo_rpc::server::{ListenAddr, TEST_PANIC_PROCEDURE};
 #[test]
 fn every_procedure_answers() {
     for kind in backends() {
-        let server = TestServer::start(kind, |_| {});
+        let server = TestServer::start(kind, |c| c.allow_set_limits = true);
         let mut c = server.client();
         assert_eq!(c.echo(b"hello").unwrap(), b"hello");
         assert_eq!(c.echo(b"").unwrap(), b"");
@@ -70,7 +70,7 @@ fn tcp_on_loopback_serves_alongside_unix() {
 #[test]
 fn malformed_calls_get_error_replies_and_the_connection_stays() {
     for kind in backends() {
-        let server = TestServer::start(kind, |_| {});
+        let server = TestServer::start(kind, |c| c.allow_set_limits = true);
         let mut c = server.client();
         let bad = [
             (

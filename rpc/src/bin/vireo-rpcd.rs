@@ -47,6 +47,16 @@ struct Args {
     /// Milliseconds accepting pauses after running out of file descriptors.
     #[arg(long, default_value_t = 5000)]
     accept_retry_ms: u64,
+    /// Accept SET_LIMITS from clients (off by default: any client could change the pool).
+    #[arg(long)]
+    allow_set_limits: bool,
+    /// The highest worker count: --min/--max/--prio-workers and SET_LIMITS stay at or below it.
+    #[arg(long, default_value_t = 64)]
+    worker_ceiling: usize,
+    /// Bytes of unfinished input buffered for all clients together beyond 128 KiB each;
+    /// past it reading pauses (nothing is dropped).
+    #[arg(long, default_value_t = 256 * 1024 * 1024)]
+    max_buffered_input: usize,
     /// Answer a procedure that panics (fault-injection tests only).
     #[arg(long, hide = true)]
     enable_test_procedures: bool,
@@ -85,6 +95,9 @@ fn main() -> anyhow::Result<()> {
         keepalive_count: args.keepalive_count,
         accept_retry: Duration::from_millis(args.accept_retry_ms),
         test_procedures: args.enable_test_procedures,
+        allow_set_limits: args.allow_set_limits,
+        worker_ceiling: args.worker_ceiling,
+        max_buffered_input: args.max_buffered_input,
         ..ServerConfig::default()
     };
     let server = Server::bind(config).context("cannot start the server")?;
