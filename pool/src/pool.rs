@@ -82,6 +82,7 @@ struct Shared {
     // Mirrors of `Control` for lock-free checks on hot paths.
     max: AtomicUsize,
     workers: AtomicUsize,
+    prio_workers: AtomicUsize,
 
     free: CachePadded<AtomicUsize>,
     /// Flushed from each worker's own count when it goes idle, exits, or every
@@ -126,10 +127,12 @@ impl Victims {
     }
 }
 
-/// The worker context of the current thread, if it is a normal worker of some pool.
+/// The worker context of the current thread, if it is a worker of some pool: its own deque
+/// for a normal worker, none for a priority worker (which is still one of the pool's own
+/// threads: it must not wait for the pool to stop, nor block on a full queue).
 struct Local {
     pool: usize,
-    deque: Worker<Job>,
+    deque: Option<Worker<Job>>,
 }
 
 thread_local! {
@@ -307,6 +310,7 @@ impl PoolBuilder {
             closed: AtomicBool::new(false),
             max: AtomicUsize::new(self.max),
             workers: AtomicUsize::new(0),
+            prio_workers: AtomicUsize::new(0),
             free: CachePadded::new(AtomicUsize::new(0)),
             completed: CachePadded::new(AtomicU64::new(0)),
             panicked: AtomicU64::new(0),
@@ -409,7 +413,10 @@ fn spawn(shared: &Arc<Shared>, control: &mut Control, kind: Kind) -> std::io::Re
                     control.workers += 1;
                     shared.workers.store(control.workers, SeqCst);
                 }
-                Kind::Priority => control.prio_workers += 1,
+                Kind::Priority => {
+                    control.prio_workers += 1;
+                    shared.prio_workers.store(control.prio_workers, SeqCst);
+                }
             }
             control.handles.push(handle);
             Ok(())
@@ -507,7 +514,18 @@ impl Shared {
 
     /// Runs a job; returns whether it completed (rather than panicked).
     fn run_job(&self, job: Job) -> bool {
-        let completed = match catch_unwind(AssertUnwindSafe(job)) {
+        // Taking the job made room in a bounded queue: wake blocked submitters now, not when
+        // the job finishes (it may run for a long time). The pop is a queue operation, not a
+        // SeqCst counter: fence so that a submitter that announced itself is seen (or sees
+        // the room).
+        if self.capacity.is_some() && {
+            std::sync::atomic::fence(SeqCst);
+            self.blocked_submitters.load(SeqCst) > 0
+        } {
+            let _control = lock(&self.control);
+            self.changed.notify_all();
+        }
+        match catch_unwind(AssertUnwindSafe(job)) {
             Ok(()) => true,
             Err(payload) => {
                 self.panicked.fetch_add(1, SeqCst);
@@ -517,17 +535,7 @@ impl Shared {
                 // The payload is dropped here, on the worker, like the job's other state.
                 false
             }
-        };
-        // The pop that made room is a queue operation, not a SeqCst counter: fence so that a
-        // submitter that announced itself is seen (or sees the room).
-        if self.capacity.is_some() && {
-            std::sync::atomic::fence(SeqCst);
-            self.blocked_submitters.load(SeqCst) > 0
-        } {
-            let _control = lock(&self.control);
-            self.changed.notify_all();
         }
-        completed
     }
 
     /// Normal jobs waiting: in the shared queue plus in the workers' deques, read from the
@@ -567,18 +575,30 @@ impl Shared {
     /// Whether a worker of `kind` must exit now; if so its count is already decremented.
     fn retire(&self, kind: Kind, idle_timed_out: bool) -> bool {
         let mut control = lock(&self.control);
-        let exit = self.must_exit(&control, kind, idle_timed_out);
-        if exit {
-            match kind {
-                Kind::Normal => {
-                    control.workers -= 1;
-                    self.workers.store(control.workers, SeqCst);
-                }
-                Kind::Priority => control.prio_workers -= 1,
-            }
-            self.changed.notify_all();
+        if !self.must_exit(&control, kind, idle_timed_out) {
+            return false;
         }
-        exit
+        self.count_exit(&mut control, kind, -1);
+        if idle_timed_out && control.mode == Mode::Running && !self.nothing_queued() {
+            // A job arrived while this worker timed out. The count went down first and the
+            // queues are read after it (the fence pairs with the one in `push_normal`): either
+            // this read sees the job, or the submitter sees the lower count and grows the pool.
+            self.count_exit(&mut control, kind, 1);
+            return false;
+        }
+        self.changed.notify_all();
+        true
+    }
+
+    /// Moves the count of workers of `kind` by `delta` (±1), with its lock-free mirror.
+    fn count_exit(&self, control: &mut Control, kind: Kind, delta: isize) {
+        let (count, mirror) = match kind {
+            Kind::Normal => (&mut control.workers, &self.workers),
+            Kind::Priority => (&mut control.prio_workers, &self.prio_workers),
+        };
+        *count = count.wrapping_add_signed(delta);
+        mirror.store(*count, SeqCst);
+        std::sync::atomic::fence(SeqCst);
     }
 
     /// A cheap check before taking the control lock in [`retire`](Shared::retire).
@@ -609,19 +629,20 @@ impl Shared {
 }
 
 fn run_worker(shared: Arc<Shared>, kind: Kind, deque: Option<Worker<Job>>, slot: usize) {
-    if let Some(deque) = deque {
-        LOCAL.with(|l| {
-            *l.borrow_mut() = Some(Local {
-                pool: shared.id,
-                deque,
-            })
-        });
-    }
+    LOCAL.with(|l| {
+        *l.borrow_mut() = Some(Local {
+            pool: shared.id,
+            deque,
+        })
+    });
     let mut victims = Victims::new();
     let mut find = |shared: &Shared| {
         LOCAL.with(|l| {
             let l = l.borrow();
-            let local = l.as_ref().filter(|l| l.pool == shared.id).map(|l| &l.deque);
+            let local = l
+                .as_ref()
+                .filter(|l| l.pool == shared.id)
+                .and_then(|l| l.deque.as_ref());
             shared.find_task(kind, local, &mut victims)
         })
     };
@@ -699,10 +720,10 @@ fn run_worker(shared: Arc<Shared>, kind: Kind, deque: Option<Worker<Job>>, slot:
     if kind == Kind::Normal {
         shared.forget_stealer(slot);
     }
-    if let Some(local) = leftover {
+    if let Some(deque) = leftover.and_then(|l| l.deque) {
         let stopping = lock(&shared.control).mode == Mode::Stopping;
         let mut moved = false;
-        while let Some(job) = local.deque.pop() {
+        while let Some(job) = deque.pop() {
             if stopping {
                 shared.dropped.fetch_add(1, SeqCst);
                 drop(job);
@@ -732,13 +753,32 @@ impl Pool {
         if s.workers.load(SeqCst) >= s.max.load(SeqCst) {
             return;
         }
-        if s.free.load(SeqCst) > s.queued_len() {
+        if s.free.load(SeqCst) > s.queued_len() + s.prio_injector.len() {
             return;
         }
+        self.grow(|_| true);
+    }
+
+    /// Starts one normal worker under the control lock if the pool runs, is below its
+    /// maximum and `also` holds.
+    fn grow(&self, also: impl FnOnce(&Control) -> bool) {
+        let s = &self.shared;
         let mut control = lock(&s.control);
-        if control.mode == Mode::Running && control.workers < control.max {
+        if control.mode == Mode::Running && control.workers < control.max && also(&control) {
             // A failed spawn leaves the job to the existing workers.
             let _ = spawn(s, &mut control, Kind::Normal);
+        }
+    }
+
+    /// After a job was queued: if every normal worker retired meanwhile (an idle timeout that
+    /// raced this submit), start one, so that no job waits in a pool without workers.
+    fn ensure_a_worker(&self) {
+        let s = &self.shared;
+        // Pairs with the fence in `Shared::count_exit`: a retiring worker lowers the count and
+        // then reads the queues; the submitter queued and now reads the count.
+        std::sync::atomic::fence(SeqCst);
+        if s.workers.load(SeqCst) == 0 {
+            self.grow(|control| control.workers == 0);
         }
     }
 
@@ -747,12 +787,19 @@ impl Pool {
         let s = &self.shared;
         self.maybe_grow();
         let job = if local {
-            LOCAL.with(|l| match l.borrow().as_ref().filter(|l| l.pool == s.id) {
-                Some(local) => {
-                    local.deque.push(job);
-                    None
+            LOCAL.with(|l| {
+                match l
+                    .borrow()
+                    .as_ref()
+                    .filter(|l| l.pool == s.id)
+                    .and_then(|l| l.deque.as_ref())
+                {
+                    Some(deque) => {
+                        deque.push(job);
+                        None
+                    }
+                    None => Some(job),
                 }
-                None => Some(job),
             })
         } else {
             Some(job)
@@ -761,6 +808,7 @@ impl Pool {
             s.injector.push(job);
         }
         s.sleep.publish();
+        self.ensure_a_worker();
     }
 
     /// Queues a job. From inside a job of this pool the job goes to the running worker's own
@@ -844,9 +892,16 @@ impl Pool {
         if self.refuses(s.is_local()) {
             return Err(SubmitError::Closed(job));
         }
+        if s.prio_workers.load(SeqCst) == 0 {
+            // Only normal workers run it: grow as for a normal job.
+            self.maybe_grow();
+        }
         s.prio_injector.push(job);
         if !s.prio_sleep.publish() {
             s.sleep.publish();
+        }
+        if s.prio_workers.load(SeqCst) == 0 {
+            self.ensure_a_worker();
         }
         Ok(())
     }
@@ -972,7 +1027,8 @@ impl Pool {
             }
             s.closed.store(true, SeqCst);
             // Draining with no normal worker (all retired, or none started yet): start one.
-            if control.mode == Mode::Draining && control.workers == 0 && s.queued_len() > 0 {
+            // Normal workers run priority jobs too, so queued priority jobs count.
+            if control.mode == Mode::Draining && control.workers == 0 && !s.nothing_queued() {
                 let _ = spawn(s, &mut control, Kind::Normal);
             }
             s.changed.notify_all();

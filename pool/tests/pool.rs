@@ -583,3 +583,177 @@ fn builder_validates_and_names_threads() {
     names.sort();
     assert_eq!(names, vec!["nm-0", "nm-1"]);
 }
+
+/// Runs `f` on a thread of its own and reports whether it returned within [`PATIENCE`] (a
+/// deadlock leaves the thread behind and fails the test).
+fn returns_in_time(f: impl FnOnce() + Send + 'static) -> bool {
+    let (done, finished) = mpsc::channel();
+    thread::spawn(move || {
+        f();
+        let _ = done.send(());
+    });
+    finished.recv_timeout(PATIENCE).is_ok()
+}
+
+#[test]
+fn drain_and_dropping_the_last_arc_from_a_priority_job_do_not_deadlock() {
+    for drop_it in [false, true] {
+        assert!(
+            returns_in_time(move || {
+                let pool = Arc::new(
+                    Pool::builder()
+                        .min_workers(1)
+                        .prio_workers(1)
+                        .build()
+                        .unwrap(),
+                );
+                let (ran, seen) = mpsc::channel();
+                let inner = Arc::clone(&pool);
+                let occupied = occupy(&pool);
+                pool.submit_priority(move || {
+                    if drop_it {
+                        drop(inner);
+                    } else {
+                        inner.drain();
+                    }
+                    ran.send(()).unwrap();
+                })
+                .unwrap();
+                seen.recv_timeout(PATIENCE)
+                    .expect("the priority job finishes");
+                drop(occupied);
+                // The drain the job started completes from here.
+                pool.drain();
+            }),
+            "drop_it={drop_it}"
+        );
+    }
+}
+
+#[test]
+fn a_priority_job_submits_while_draining_and_past_a_full_queue() {
+    let pool = Arc::new(
+        Pool::builder()
+            .min_workers(1)
+            .max_workers(1)
+            .prio_workers(1)
+            .queue_capacity(1)
+            .build()
+            .unwrap(),
+    );
+    let occupied = occupy(&pool);
+    pool.submit(|| {}).unwrap(); // the queue is full now
+    let (result, got) = mpsc::channel();
+    let inner = Arc::clone(&pool);
+    pool.submit_priority(move || {
+        let r = inner.submit(|| {});
+        result.send(r.is_ok()).unwrap();
+    })
+    .unwrap();
+    assert_eq!(got.recv_timeout(PATIENCE), Ok(true), "full queue");
+
+    // While draining, a priority job's submit belongs to the work being finished.
+    let (result, got) = mpsc::channel();
+    let inner = Arc::clone(&pool);
+    let (go, wait) = mpsc::channel::<()>();
+    pool.submit_priority(move || {
+        wait.recv_timeout(PATIENCE).unwrap();
+        result.send(inner.try_submit(|| {}).is_ok()).unwrap();
+    })
+    .unwrap();
+    let drainer = {
+        let pool = Arc::clone(&pool);
+        thread::spawn(move || pool.drain())
+    };
+    eventually("the drain to begin", || pool.is_closed());
+    go.send(()).unwrap();
+    assert_eq!(got.recv_timeout(PATIENCE), Ok(true), "draining");
+    drop(occupied);
+    drainer.join().unwrap();
+}
+
+#[test]
+fn submit_priority_grows_a_pool_without_priority_workers() {
+    let pool = Pool::builder()
+        .min_workers(0)
+        .max_workers(2)
+        .build()
+        .unwrap();
+    assert_eq!(pool.stats().workers, 0);
+    let (ran, seen) = mpsc::channel();
+    pool.submit_priority(move || ran.send(()).unwrap()).unwrap();
+    seen.recv_timeout(PATIENCE).expect("the priority job runs");
+
+    // And drain finishes a priority job queued in a pool whose workers all retired.
+    let pool = Pool::builder()
+        .min_workers(0)
+        .max_workers(1)
+        .idle_timeout(Duration::from_millis(1))
+        .build()
+        .unwrap();
+    let probe = Probe::default();
+    pool.submit(probe.job()).unwrap();
+    eventually("the worker to retire", || pool.stats().workers == 0);
+    pool.submit_priority(probe.job()).unwrap();
+    pool.drain();
+    assert_eq!(probe.runs.load(SeqCst), 2);
+}
+
+#[test]
+fn idle_retirement_never_strands_a_job() {
+    let pool = Pool::builder()
+        .min_workers(0)
+        .max_workers(1)
+        .idle_timeout(Duration::from_micros(300))
+        .build()
+        .unwrap();
+    let (ran, seen) = mpsc::channel();
+    for i in 0..3000u64 {
+        // Gaps around the idle timeout, so that submits race the worker's retirement.
+        if i % 3 != 0 {
+            thread::sleep(Duration::from_micros(100 * (i % 7)));
+        }
+        let ran = ran.clone();
+        pool.submit(move || ran.send(i).unwrap()).unwrap();
+        assert_eq!(
+            seen.recv_timeout(PATIENCE),
+            Ok(i),
+            "job {i} waited with no worker to run it"
+        );
+    }
+}
+
+#[test]
+fn a_blocked_submit_wakes_when_room_appears_not_when_a_job_ends() {
+    let pool = Arc::new(
+        Pool::builder()
+            .min_workers(1)
+            .max_workers(1)
+            .queue_capacity(1)
+            .build()
+            .unwrap(),
+    );
+    let first = occupy(&pool);
+    let (started_tx, started) = mpsc::channel();
+    let (second, second_release) = blocker(&started_tx);
+    pool.submit(second).unwrap(); // queued: the queue is full
+    let (submitted_tx, submitted) = mpsc::channel();
+    let submitter = {
+        let pool = Arc::clone(&pool);
+        thread::spawn(move || {
+            pool.submit(|| {}).unwrap();
+            submitted_tx.send(()).unwrap();
+        })
+    };
+    // A second worker takes the queued job (which keeps running): room appears while no
+    // job has ended.
+    pool.set_limits(Some(2), Some(2), None).unwrap();
+    started.recv_timeout(PATIENCE).unwrap();
+    // (Both blocked jobs give up after PATIENCE; half of it tells the two cases apart.)
+    assert!(
+        submitted.recv_timeout(PATIENCE / 2).is_ok(),
+        "the blocked submit was not woken when the queue gained room"
+    );
+    drop((first, second_release));
+    submitter.join().unwrap();
+}
