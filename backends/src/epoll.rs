@@ -19,6 +19,7 @@ use rustix::io::Errno;
 use vireo_core::{Backend, Events, Readiness, Token};
 
 use crate::timeout::{clamp_to_millis_range, timespec};
+use crate::unpollable::Unpollable;
 
 /// The epoll backend.
 ///
@@ -37,7 +38,7 @@ pub struct Epoll {
     /// Whether `epoll_pwait2` works here (probed once at creation).
     pwait2: bool,
     /// Registrations the kernel refused with `EPERM`: always ready for their interest.
-    always_ready: Vec<(RawFd, Token, Events)>,
+    always_ready: Vec<Unpollable>,
 }
 
 impl std::fmt::Debug for Epoll {
@@ -178,7 +179,7 @@ impl Backend for Epoll {
         ) {
             Ok(()) => Ok(()),
             Err(Errno::PERM) => {
-                self.always_ready.push((fd, token, interest));
+                self.always_ready.push(Unpollable::new(fd, token, interest));
                 Ok(())
             }
             Err(e) => Err(e.into()),
@@ -186,8 +187,9 @@ impl Backend for Epoll {
     }
 
     fn reregister(&mut self, fd: RawFd, token: Token, interest: Events) -> io::Result<()> {
-        if let Some(entry) = self.always_ready.iter_mut().find(|e| e.0 == fd) {
-            *entry = (fd, token, interest);
+        if let Some(entry) = self.always_ready.iter_mut().find(|e| e.fd == fd) {
+            entry.token = token;
+            entry.interest = interest;
             return Ok(());
         }
         epoll::modify(
@@ -200,7 +202,7 @@ impl Backend for Epoll {
     }
 
     fn deregister(&mut self, fd: RawFd, _token: Token) -> io::Result<()> {
-        if let Some(i) = self.always_ready.iter().position(|e| e.0 == fd) {
+        if let Some(i) = self.always_ready.iter().position(|e| e.fd == fd) {
             self.always_ready.swap_remove(i);
             return Ok(());
         }
@@ -210,10 +212,12 @@ impl Backend for Epoll {
 
     fn wait(&mut self, ready: &mut Vec<Readiness>, timeout: Option<Duration>) -> io::Result<()> {
         let mut timeout = timeout;
-        for &(_, token, interest) in &self.always_ready {
-            let events = interest & Events::INTEREST;
-            if !events.is_empty() {
-                ready.push(Readiness { token, events });
+        for entry in &self.always_ready {
+            if let Some(events) = entry.ready() {
+                ready.push(Readiness {
+                    token: entry.token,
+                    events,
+                });
                 timeout = Some(Duration::ZERO);
             }
         }

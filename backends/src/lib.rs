@@ -29,6 +29,8 @@
 
 mod any;
 mod timeout;
+#[cfg(any(feature = "epoll", feature = "portable"))]
+mod unpollable;
 
 pub use any::{AnyBackend, BACKEND_ENV, BackendKind, Choice, backend_info};
 

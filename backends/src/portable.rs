@@ -20,12 +20,15 @@ use polling::{Event, PollMode, Poller};
 use rustix::event::{PollFd, PollFlags};
 use vireo_core::{Backend, BackendInfo, Events, Readiness, Token};
 
+use crate::unpollable::Unpollable;
+
 struct Source {
     fd: RawFd,
     token: Token,
     interest: Events,
-    /// Refused by the kernel (EPERM): always ready for its interest.
-    always_ready: bool,
+    /// Refused by the kernel (EPERM): always ready for its interest while the fd names
+    /// the same file.
+    always_ready: Option<Unpollable>,
 }
 
 /// The backend on the `polling` crate.
@@ -140,8 +143,10 @@ impl Backend for Portable {
                 .add_with_mode(fd, interest_event(key, interest), PollMode::Level)
         };
         let always_ready = match added {
-            Ok(()) => false,
-            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::PERM.raw_os_error()) => true,
+            Ok(()) => None,
+            Err(e) if e.raw_os_error() == Some(rustix::io::Errno::PERM.raw_os_error()) => {
+                Some(Unpollable::new(fd, token, interest))
+            }
             Err(e) => return Err(e),
         };
         self.sources.insert(
@@ -165,7 +170,10 @@ impl Backend for Portable {
         let source = self.sources.get_mut(&key).expect("indexed source");
         source.token = token;
         source.interest = interest;
-        if !source.always_ready {
+        if let Some(u) = source.always_ready.as_mut() {
+            u.token = token;
+            u.interest = interest;
+        } else {
             self.poller.modify_with_mode(
                 borrow(fd),
                 interest_event(key, interest),
@@ -181,7 +189,7 @@ impl Backend for Portable {
             .remove(&fd)
             .ok_or_else(|| io::Error::from_raw_os_error(rustix::io::Errno::NOENT.raw_os_error()))?;
         let source = self.sources.remove(&key).expect("indexed source");
-        if !source.always_ready {
+        if source.always_ready.is_none() {
             self.poller.delete(borrow(fd))?;
         }
         Ok(())
@@ -189,11 +197,14 @@ impl Backend for Portable {
 
     fn wait(&mut self, ready: &mut Vec<Readiness>, timeout: Option<Duration>) -> io::Result<()> {
         let mut timeout = timeout;
-        for s in self.sources.values().filter(|s| s.always_ready) {
-            let events = s.interest & Events::INTEREST;
-            if !events.is_empty() {
+        for u in self
+            .sources
+            .values()
+            .filter_map(|s| s.always_ready.as_ref())
+        {
+            if let Some(events) = u.ready() {
                 ready.push(Readiness {
-                    token: s.token,
+                    token: u.token,
                     events,
                 });
                 timeout = Some(Duration::ZERO);

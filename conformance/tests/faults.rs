@@ -302,3 +302,30 @@ fn a_detached_loop_runs_timers_on_virtual_time_in_order() {
         "real time passed"
     );
 }
+
+#[test]
+fn more_than_two_to_the_32_missed_periods_coalesce_into_one_firing() {
+    // The script's clock is the monotonic clock plus what was advanced: periods long enough
+    // that the real time between two iterations cannot make one due.
+    for period in [Duration::from_millis(100), Duration::from_millis(300)] {
+        let (mut lp, script) = scripted();
+        let log = Recorder::new();
+        let t = lp
+            .handle()
+            .add_timeout(Frequency::Period(period), log.timer())
+            .unwrap();
+        // 5e9 periods missed, beyond what a u32 counts.
+        script.advance(period * 1_000_000_000 * 5);
+        lp.run_once_timeout(Duration::ZERO).unwrap();
+        assert_eq!(log.take(), vec![Fired::Timer(t)], "{period:?}");
+        // The next deadline lies after now, on the grid: nothing is due until time moves.
+        lp.run_once_timeout(Duration::ZERO).unwrap();
+        assert!(
+            log.is_empty(),
+            "{period:?}: fired again without time passing"
+        );
+        script.advance(period);
+        lp.run_once_timeout(Duration::ZERO).unwrap();
+        assert_eq!(log.take(), vec![Fired::Timer(t)], "{period:?}");
+    }
+}

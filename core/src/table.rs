@@ -110,6 +110,23 @@ pub(crate) struct State {
     pub(crate) kernel_changes: u64,
 }
 
+/// The first deadline after `now` on the grid `deadline + k * period` (k >= 1): the periods
+/// missed while the loop was busy coalesce into the firing that is running, and the grid
+/// stays where it was (no drift). Computed in 128-bit nanoseconds, so any number of missed
+/// periods is exact; `None` when the next deadline is beyond what `Instant` can hold.
+fn next_on_grid(deadline: Instant, period: Duration, now: Instant) -> Option<Instant> {
+    let next = deadline.checked_add(period)?;
+    if next > now {
+        return Some(next);
+    }
+    let period_ns = period.as_nanos();
+    let behind = now.duration_since(deadline).as_nanos();
+    let ahead = (behind / period_ns + 1) * period_ns;
+    let secs = u64::try_from(ahead / 1_000_000_000).ok()?;
+    let nanos = (ahead % 1_000_000_000) as u32;
+    deadline.checked_add(Duration::new(secs, nanos))
+}
+
 /// Errors that mean the fd number no longer names the file the kernel registered: closed
 /// (`EBADF`), reused by another file (`ENOENT`), or reused by a file that cannot be polled at
 /// all (`EPERM`: epoll refuses every operation on a directory or a procfs file, also `DEL`).
@@ -251,7 +268,11 @@ impl State {
                 self.every.insert(id);
             }
             Frequency::Period(p) => {
-                self.heap.push(Reverse((now + p, id, generation)));
+                // A deadline beyond what `Instant` can hold is never reached: such a timer
+                // is scheduled nowhere and never fires.
+                if let Some(deadline) = now.checked_add(p) {
+                    self.heap.push(Reverse((deadline, id, generation)));
+                }
             }
             Frequency::Disabled => {}
         }
@@ -487,15 +508,9 @@ impl State {
             return None;
         }
         if let Frequency::Period(p) = timer.freq {
-            let mut next = due.deadline + p;
-            if next <= now {
-                // Coalesce the periods missed while the loop was busy into this one firing,
-                // staying on the original grid (no drift).
-                let behind = now.duration_since(due.deadline).as_nanos();
-                let periods = behind / p.as_nanos() + 1;
-                next = due.deadline + p * u32::try_from(periods).unwrap_or(u32::MAX);
+            if let Some(next) = next_on_grid(due.deadline, p, now) {
+                self.heap.push(Reverse((next, due.id, due.generation)));
             }
-            self.heap.push(Reverse((next, due.id, due.generation)));
         }
         timer.cb.take()
     }

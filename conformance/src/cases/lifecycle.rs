@@ -316,6 +316,37 @@ pub fn closed_while_registered_is_silent<B: Backend>() {
     assert_eq!(probe.drops(), 1);
 }
 
+/// A regular file closed while watched (a contract violation) goes silent like any other fd:
+/// the always-ready emulation of backends whose kernel refuses regular files must notice the
+/// close instead of reporting it, with a zero timeout, forever.
+pub fn closed_regular_file_while_registered_is_silent<B: Backend>() {
+    let mut lp = new_loop::<B>();
+    let file = rustix::fs::open(
+        std::env::current_exe().unwrap(),
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .unwrap();
+    let log = Recorder::new();
+    let id = lp
+        .handle()
+        .add_handle(raw(&file), Events::READABLE, log.watch())
+        .unwrap();
+    run_iterations(&mut lp, 1);
+    assert_eq!(log.events_of(id), vec![Events::READABLE]);
+    drop(file);
+    let iterations = iterations_within(&mut lp, Duration::from_millis(100));
+    let late = log.take();
+    assert!(
+        late.len() <= 1,
+        "a closed regular file kept firing: {}",
+        summary(&late)
+    );
+    assert!(iterations <= 5, "spun {iterations} times on a closed file");
+    lp.handle().remove_handle(id).unwrap();
+    run_iterations(&mut lp, 1);
+}
+
 /// Removing and re-adding a watch (and pausing and resuming one) within one iteration changes
 /// nothing in the kernel set: no registration system call.
 pub fn net_zero_changes_cost_no_kernel_change<B: Backend>() {

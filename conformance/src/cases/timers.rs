@@ -400,3 +400,52 @@ pub fn libvirt_millisecond_frequencies<B: Backend>() {
         2
     );
 }
+
+/// Periods too long for any deadline (`Duration::MAX`, `i64::MAX` seconds) are accepted by
+/// add and update, never fire, and leave the loop and its other timers working.
+pub fn extreme_periods_are_never_and_never_panic<B: Backend>() {
+    let mut lp = new_loop::<B>();
+    let h = lp.handle().clone();
+    let log = Recorder::new();
+    let huge = [
+        Duration::MAX,
+        Duration::from_secs(i64::MAX as u64),
+        Duration::from_secs(u64::MAX / 2),
+        Duration::new(i64::MAX as u64 / 2, 999_999_999),
+    ];
+    let mut ids = Vec::new();
+    for p in huge {
+        ids.push(h.add_timeout(Frequency::period(p), log.timer()).unwrap());
+    }
+    // Updates to and from an extreme period.
+    let moved = h
+        .add_timeout(Frequency::from_millis(1), log.timer())
+        .unwrap();
+    h.update_timeout(moved, Frequency::period(Duration::MAX))
+        .unwrap();
+    h.update_timeout(
+        ids[0],
+        Frequency::period(Duration::from_secs(i64::MAX as u64)),
+    )
+    .unwrap();
+    // The loop does not block forever on a deadline so far away, and its other timers fire.
+    let tick = h
+        .add_timeout(Frequency::from_millis(1), log.timer())
+        .unwrap();
+    run_until(&mut lp, "a 1 ms timer beside extreme ones", || {
+        !log.is_empty()
+    });
+    assert!(
+        log.take().iter().all(|f| *f == Fired::Timer(tick)),
+        "an extreme timer fired"
+    );
+    lp.run_once_timeout(Duration::from_millis(5)).unwrap();
+    h.remove_timeout(tick).unwrap();
+    log.take();
+    lp.run_once_timeout(Duration::from_millis(20)).unwrap();
+    assert!(log.is_empty(), "an extreme timer fired: {:?}", log.take());
+    for id in ids.into_iter().chain([moved]) {
+        h.remove_timeout(id).unwrap();
+    }
+    lp.run_once_timeout(Duration::ZERO).unwrap();
+}
