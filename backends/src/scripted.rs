@@ -26,15 +26,15 @@
 //!     log.lock().unwrap().push(ev); // a real callback would read and handle EAGAIN here
 //! })?;
 //!
-//! // The first registration fails with ENOMEM: the loop reports it and retries.
+//! // The first registration fails with ENOMEM: the watch hears ERROR, the loop retries.
 //! script.fail_next(Op::Register, rustix::io::Errno::NOMEM);
-//! assert!(event_loop.run_once_timeout(std::time::Duration::ZERO).is_err());
+//! event_loop.run_once_timeout(std::time::Duration::ZERO)?;
 //! event_loop.run_once_timeout(std::time::Duration::ZERO)?;
 //!
 //! // Nothing was written, yet the callback hears READABLE: a spurious report.
 //! script.make_ready(a.as_raw_fd(), Events::READABLE);
 //! event_loop.run_once_timeout(std::time::Duration::ZERO)?;
-//! assert_eq!(*seen.lock().unwrap(), vec![Events::READABLE]);
+//! assert_eq!(*seen.lock().unwrap(), vec![Events::ERROR, Events::READABLE]);
 //! # std::io::Result::Ok(())
 //! ```
 
@@ -82,6 +82,8 @@ struct State {
     /// How far the script's clock is ahead of the monotonic clock.
     ahead: Duration,
     faults: VecDeque<(Op, Errno)>,
+    /// fds whose every register and reregister fails, with the errno.
+    broken: HashMap<RawFd, Errno>,
     ready: Vec<(RawFd, Events)>,
     wakeups: usize,
     tokens: HashMap<RawFd, Token>,
@@ -105,6 +107,17 @@ impl Script {
     /// The next call of `op` fails with `errno` (faults queue up in order; each is used once).
     pub fn fail_next(&self, op: Op, errno: Errno) {
         self.state().faults.push_back((op, errno));
+    }
+
+    /// Every `register` and `reregister` of `fd` fails with `errno` until
+    /// [`mend_fd`](Script::mend_fd): a persistent registration failure of one fd.
+    pub fn break_fd(&self, fd: RawFd, errno: Errno) {
+        self.state().broken.insert(fd, errno);
+    }
+
+    /// Ends [`break_fd`](Script::break_fd) for `fd`.
+    pub fn mend_fd(&self, fd: RawFd) {
+        self.state().broken.remove(&fd);
     }
 
     /// The next wait reports `fd` with `events`, whether or not the fd is ready (nothing is
@@ -303,7 +316,14 @@ impl Scripted {
     /// Records `call` and fails it if the script says so.
     fn before(&mut self, op: Op, call: Call) -> io::Result<()> {
         let mut st = self.script.state();
+        let broken = match call {
+            Call::Register(fd, _) | Call::Reregister(fd, _) => st.broken.get(&fd).copied(),
+            _ => None,
+        };
         st.calls.push(call);
+        if let Some(errno) = broken {
+            return Err(errno.into());
+        }
         match Script::fault(&mut st, op) {
             Some(errno) => Err(errno.into()),
             None => Ok(()),

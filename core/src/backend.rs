@@ -215,7 +215,8 @@ pub trait Backend: Sized {
     }
 
     /// Waits for readiness or until `timeout` passes, appending reports to `ready` (which the
-    /// core clears first). At most one report per token per call.
+    /// core clears first). At most one report per token per call (the core merges duplicates
+    /// into one call per watch all the same).
     ///
     /// # Errors
     ///

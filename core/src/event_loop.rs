@@ -3,7 +3,7 @@
 use std::io;
 use std::os::fd::{BorrowedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::table::{Due, FileIdent, Garbage, State, TimerFn, WatchFn};
@@ -12,6 +12,8 @@ use crate::{Backend, Clock, Error, Events, Frequency, Readiness, TimerId, Token,
 
 struct Shared {
     state: Mutex<State>,
+    /// Signalled when a watch callback returns while a remover from another thread waits.
+    finished: Condvar,
     waker: Waker,
     quit: AtomicBool,
     /// The backend's clock, or `None` for [`Instant::now`].
@@ -27,6 +29,23 @@ impl Shared {
         // No user code runs under this lock, so a poisoned lock only means a panic inside the
         // table itself; its data is still consistent enough to drop.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Called from another thread after watch `id` was removed or paused: waits until an
+    /// invocation of it that had already started returns, so that nothing of it runs once
+    /// the caller returns. The loop thread never waits (the invocation is its own caller).
+    fn wait_for_invocation(&self, mut state: MutexGuard<'_, State>, id: WatchId) {
+        if state.running != Some(id) || state.loop_thread == Some(std::thread::current().id()) {
+            return;
+        }
+        state.waiting_removers += 1;
+        while state.running == Some(id) {
+            state = self
+                .finished
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        state.waiting_removers -= 1;
     }
 }
 
@@ -104,7 +123,10 @@ impl LoopHandle {
 
     /// Replaces the set of conditions a watch waits for (libvirt's `virEventUpdateHandle`).
     ///
-    /// An empty set pauses the watch without removing it. Updating a watch to its current set
+    /// An empty set pauses the watch without removing it; like
+    /// [`remove_handle`](LoopHandle::remove_handle), a pause from another thread returns only
+    /// once an invocation of the watch that already started has returned, and the watch is
+    /// not called again until it is resumed. Updating a watch to its current set
     /// costs nothing; pausing and resuming within one iteration costs no system call.
     ///
     /// # Errors
@@ -120,6 +142,9 @@ impl LoopHandle {
             if !state.update_watch(id, events) {
                 return Err(Error::UnknownWatch(id));
             }
+            if events.is_empty() {
+                self.shared.wait_for_invocation(state, id);
+            }
         }
         self.shared.waker.changed();
         Ok(())
@@ -127,10 +152,14 @@ impl LoopHandle {
 
     /// Removes a watch (libvirt's `virEventRemoveHandle`). The fd is not closed.
     ///
-    /// From the moment this returns the watch never fires again, even if its event was already
-    /// in the batch being dispatched. Its callback's state is dropped later on the loop thread
-    /// (at the end of the running iteration, or at the start of the next one), never inside
-    /// this call. The fd may be closed as soon as this returns.
+    /// From the moment this returns the watch's callback is not running and never runs again,
+    /// even if its event was already in the batch being dispatched: called from another thread
+    /// while the loop thread is inside that very callback, this waits until the callback
+    /// returns (so the callback must not wait for the thread that removes it, or both wait
+    /// forever; from the loop thread, including from the callback itself, it never waits).
+    /// Its callback's state is dropped later on the loop thread (at the end of the running
+    /// iteration, or at the start of the next one), never inside this call. The fd may be
+    /// closed as soon as this returns.
     ///
     /// # Errors
     ///
@@ -145,6 +174,7 @@ impl LoopHandle {
             if !state.remove_watch(id) {
                 return Err(Error::UnknownWatch(id));
             }
+            self.shared.wait_for_invocation(state, id);
         }
         self.shared.waker.changed();
         Ok(())
@@ -291,6 +321,10 @@ impl Drop for RunningWatch<'_> {
         if let (Some(w), Some(cb)) = (state.watches.get_mut(&self.id), self.cb.take()) {
             w.cb = Some(cb);
         }
+        state.running = None;
+        if state.waiting_removers > 0 {
+            self.shared.finished.notify_all();
+        }
         // Removed entries stay in the table until the next purge, so nothing is left here to
         // drop under the lock.
     }
@@ -382,6 +416,7 @@ impl<B: Backend> EventLoop<B> {
             handle: LoopHandle {
                 shared: Arc::new(Shared {
                     state: Mutex::new(State::default()),
+                    finished: Condvar::new(),
                     waker,
                     quit: AtomicBool::new(false),
                     clock,
@@ -433,10 +468,16 @@ impl<B: Backend> EventLoop<B> {
     /// other thread ever wakes the loop). Returns the number of callbacks run, which may be 0
     /// after a wakeup.
     ///
+    /// An interest change that the backend refuses (`ENOMEM`, `ENOSPC`, ...) is not an error
+    /// of the loop: it belongs to that fd, whose watches (those with a non-empty interest)
+    /// receive [`Events::ERROR`] in this iteration, while every other fd is served as usual.
+    /// The change is retried in every following iteration, with `ERROR` delivered each time
+    /// it fails, until it lands or the watches are removed or paused.
+    ///
     /// # Errors
     ///
-    /// The backend's error from applying interest changes or from waiting. The loop stays
-    /// usable; a failed interest change is retried in the next iteration.
+    /// The backend's error from waiting or from sending queued changes to the kernel
+    /// (io_uring's submit). The loop stays usable.
     ///
     /// # Panics
     ///
@@ -514,6 +555,7 @@ impl<B: Backend> EventLoop<B> {
 
         let (timeout, seen) = {
             let mut state = shared.lock();
+            state.loop_thread = Some(std::thread::current().id());
             state.sync(&mut self.backend)?;
             let mut timeout = state.timeout(shared.now());
             if shared.quit.load(Ordering::SeqCst) {
@@ -525,7 +567,9 @@ impl<B: Backend> EventLoop<B> {
             (Some(t), Some(m)) => Some(t.min(m)),
             (t, m) => t.or(m),
         };
-        let timeout = if shared.waker.sleep(seen) {
+        // A wait that does not block is not asleep: changes from other threads meanwhile
+        // cost them no eventfd write (the next iteration sees them anyway).
+        let timeout = if timeout == Some(Duration::ZERO) || shared.waker.sleep(seen) {
             timeout
         } else {
             Some(Duration::ZERO)
@@ -540,7 +584,7 @@ impl<B: Backend> EventLoop<B> {
         self.candidates.clear();
         let mut stale = false;
         {
-            let state = shared.lock();
+            let mut state = shared.lock();
             for r in &self.ready {
                 if r.token == Token::WAKER {
                     shared.waker.drain();
@@ -548,11 +592,28 @@ impl<B: Backend> EventLoop<B> {
                     stale |= !state.resolve(r.token, r.events, &mut self.candidates);
                 }
             }
+            // A registration the backend refused is that fd's error, reported to its watches
+            // (a token gone since then has nobody left to tell).
+            for token in std::mem::take(&mut state.failed) {
+                state.resolve(token, Events::ERROR, &mut self.candidates);
+            }
         }
         if stale {
-            self.replace_backend()?;
+            // Without a fresh instance (out of fds, say) the loop goes on with this one: the
+            // stale reports are dropped as they come, and the next one tries again.
+            let _ = self.replace_backend();
         }
         self.candidates.sort_unstable_by_key(|c| c.0);
+        // One call per watch per iteration, also when a token was reported twice (a backend
+        // that breaks the at-most-once rule, or a failed registration's ERROR beside a report).
+        self.candidates.dedup_by(|later, first| {
+            if later.0 == first.0 {
+                first.1 |= later.1;
+                true
+            } else {
+                false
+            }
+        });
         shared.lock().collect_due(now, &mut self.due);
 
         let mut count = 0;
@@ -585,7 +646,11 @@ impl<B: Backend> EventLoop<B> {
                         if deliver.is_empty() {
                             None
                         } else {
-                            w.cb.take().map(|cb| (cb, w.fd, deliver))
+                            let taken = w.cb.take().map(|cb| (cb, w.fd, deliver));
+                            if taken.is_some() {
+                                state.running = Some(id);
+                            }
+                            taken
                         }
                     }
                     _ => None,

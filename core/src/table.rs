@@ -108,6 +108,16 @@ pub(crate) struct State {
     removed_watches: Vec<WatchId>,
     removed_timers: Vec<TimerId>,
     pub(crate) kernel_changes: u64,
+    /// The watch whose callback runs now on the loop thread, if any.
+    pub(crate) running: Option<WatchId>,
+    /// The thread running the loop's current iteration.
+    pub(crate) loop_thread: Option<std::thread::ThreadId>,
+    /// Threads waiting in `remove_handle` or `update_handle` for `running` to finish.
+    pub(crate) waiting_removers: usize,
+    /// Tokens of the fds whose interest change the backend refused since the last dispatch:
+    /// their watches get `ERROR` in the next one, and the change is retried in the next
+    /// iteration.
+    pub(crate) failed: Vec<Token>,
 }
 
 /// The first deadline after `now` on the grid `deadline + k * period` (k >= 1): the periods
@@ -361,8 +371,10 @@ impl State {
 
     /// Applies the net change of every dirty fd to the backend.
     ///
-    /// On an error the failed fd stays dirty (retried next iteration) and the first error is
-    /// returned after the other fds were synced.
+    /// A change the backend refuses belongs to that fd alone: the fd stays dirty (retried in
+    /// the next iteration), keeps the registration it had (backends change nothing when they
+    /// fail), and its token goes to `failed`, so its watches hear `ERROR`. Every other fd is
+    /// synced as usual. Only the backend's `flush` error is returned.
     pub(crate) fn sync<B: Backend>(&mut self, backend: &mut B) -> io::Result<()> {
         let mut first_error = None;
         let changes_before = self.kernel_changes;
@@ -417,8 +429,10 @@ impl State {
                 // The fd was closed after the watch was added (a contract violation): it stays
                 // silent, as a closed fd does on every backend.
                 Err(e) if want.is_some() && ignorable_deregister_error(&e) => entry.kernel = want,
-                Err(e) => {
-                    first_error.get_or_insert(e);
+                Err(_) => {
+                    if want.is_some() {
+                        self.failed.push(entry.token);
+                    }
                     retry.push(slot);
                     continue;
                 }
@@ -446,9 +460,10 @@ impl State {
     }
 
     /// The timeout until the earliest periodic deadline; `Some(ZERO)` when an every-iteration
-    /// timer exists or closures are queued; `None` when nothing is scheduled.
+    /// timer exists, closures are queued or a failed registration has an `ERROR` to deliver;
+    /// `None` when nothing is scheduled.
     pub(crate) fn timeout(&mut self, now: Instant) -> Option<Duration> {
-        if !self.every.is_empty() || !self.invokes.is_empty() {
+        if !self.every.is_empty() || !self.invokes.is_empty() || !self.failed.is_empty() {
             return Some(Duration::ZERO);
         }
         while let Some(Reverse((deadline, id, generation))) = self.heap.peek() {

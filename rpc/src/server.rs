@@ -748,6 +748,13 @@ impl State {
         if outcome.is_ok() && events.intersects(Events::READABLE) | failed {
             outcome = self.read_in(key);
         }
+        if outcome.is_ok() && events.contains(Events::ERROR) {
+            // The socket's own error ends the read or write above; one that remains is the
+            // loop's (a registration the kernel refused): this connection cannot be served.
+            outcome = Err(Close::Dropped(
+                "the event loop reports an error on this connection".into(),
+            ));
+        }
         self.settle(h, key, outcome);
     }
 

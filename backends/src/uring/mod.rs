@@ -131,6 +131,46 @@ impl IoUring {
         probe::create().map(|(_, info)| info)
     }
 
+    /// A backend on a ring with exactly `flags`, with none of the fallbacks of
+    /// [`Backend::new`]: for tests of each setup and for programs that need one.
+    ///
+    /// # Errors
+    ///
+    /// The kernel's error for flags it does not know (`EINVAL`), or a [`UringError`] as in
+    /// [`probe`](IoUring::probe), as an `io::Error`.
+    pub fn with_setup_flags(flags: SetupFlags) -> io::Result<IoUring> {
+        let ring = probe::build(flags, probe::SQ_ENTRIES, probe::CQ_ENTRIES)?;
+        let params = ring.params();
+        let info = UringInfo {
+            flags,
+            ext_arg: params.is_feature_ext_arg(),
+            sq_entries: params.sq_entries(),
+            cq_entries: params.cq_entries(),
+        };
+        if !params.is_feature_nodrop() {
+            return Err(UringError::MissingFeature("IORING_FEAT_NODROP (Linux 5.5)").into());
+        }
+        Ok(IoUring::on_ring(ring, info))
+    }
+
+    fn on_ring(ring: io_uring::IoUring, info: UringInfo) -> IoUring {
+        IoUring {
+            ring,
+            info,
+            owner: thread::current().id(),
+            slots: Slab::new(),
+            by_fd: HashMap::new(),
+            next_generation: 0,
+            rearm: Vec::new(),
+            backlog: Vec::new(),
+            verify_fds: Vec::new(),
+            timeout_ts: Box::new(types::Timespec::new()),
+            timeout_armed: None,
+            timeout_generation: 0,
+            flush_pending: false,
+        }
+    }
+
     /// The setup this backend's ring runs with.
     pub fn uring_info(&self) -> UringInfo {
         self.info
@@ -228,19 +268,23 @@ impl IoUring {
             return Ok(());
         }
         let ud = user_data(KIND_WATCH, s.generation, slot);
-        s.armed = Some(ud);
         let entry = opcode::PollAdd::new(types::Fd(s.fd), poll_mask(s.interest))
             .build()
             .user_data(ud);
-        self.push(entry)
+        // Marked armed only once the poll is queued: a failed push leaves the slot unarmed.
+        self.push(entry)?;
+        self.slots[slot].armed = Some(ud);
+        Ok(())
     }
 
+    /// Queues the removal of the slot's poll; on failure the slot keeps its poll (armed).
     fn disarm(&mut self, slot: usize) -> io::Result<()> {
-        if let Some(ud) = self.slots[slot].armed.take() {
+        if let Some(ud) = self.slots[slot].armed {
             let entry = opcode::PollRemove::new(ud)
                 .build()
                 .user_data(user_data(KIND_IGNORE, 0, 0));
             self.push(entry)?;
+            self.slots[slot].armed = None;
         }
         Ok(())
     }
@@ -310,7 +354,10 @@ impl IoUring {
         s.armed = None;
         if res < 0 {
             match -res {
-                libc::ECANCELED => {}
+                // Not a removal (that one's completion is stale, above): the kernel cancels
+                // the polls of a thread that exits, and a loop may move to another thread. The
+                // registration is current: arm it again, on whatever setup flags.
+                libc::ECANCELED => self.rearm.push(slot),
                 // Closed while registered (a contract violation): silent, as on every backend.
                 libc::EBADF => s.dead = true,
                 _ => {
@@ -358,21 +405,13 @@ impl Backend for IoUring {
 
     fn new() -> io::Result<Self> {
         let (ring, info) = probe::create()?;
-        Ok(IoUring {
-            ring,
-            info,
-            owner: thread::current().id(),
-            slots: Slab::new(),
-            by_fd: HashMap::new(),
-            next_generation: 0,
-            rearm: Vec::new(),
-            backlog: Vec::new(),
-            verify_fds: Vec::new(),
-            timeout_ts: Box::new(types::Timespec::new()),
-            timeout_armed: None,
-            timeout_generation: 0,
-            flush_pending: false,
-        })
+        Ok(IoUring::on_ring(ring, info))
+    }
+
+    /// A ring with the same setup flags and sizes as this one.
+    fn fresh(&self) -> io::Result<Self> {
+        let ring = probe::build(self.info.flags, self.info.sq_entries, self.info.cq_entries)?;
+        Ok(IoUring::on_ring(ring, self.info))
     }
 
     fn info(&self) -> BackendInfo {
@@ -397,8 +436,13 @@ impl Backend for IoUring {
             armed: None,
             dead: false,
         });
+        if let Err(e) = self.arm(slot) {
+            // Nothing registered: the core's retry registers from scratch.
+            self.slots.remove(slot);
+            return Err(e);
+        }
         self.by_fd.insert(fd, slot);
-        self.arm(slot)
+        Ok(())
     }
 
     fn reregister(&mut self, fd: RawFd, token: Token, interest: Events) -> io::Result<()> {
@@ -408,14 +452,16 @@ impl Backend for IoUring {
             .get(&fd)
             .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
         let was_armed = self.slots[slot].armed.is_some();
+        // A failed disarm changes nothing (the old poll stays armed, the old interest holds).
         self.disarm(slot)?;
         let generation = self.generation();
         let s = &mut self.slots[slot];
         s.token = token;
         s.interest = interest;
         s.generation = generation;
-        if was_armed {
-            self.arm(slot)?;
+        if was_armed && self.arm(slot).is_err() {
+            // The change is made; its poll goes out with the next wait.
+            self.rearm.push(slot);
         }
         // Otherwise the slot waits in `rearm` for its completion to be dispatched.
         Ok(())
@@ -423,12 +469,14 @@ impl Backend for IoUring {
 
     fn deregister(&mut self, fd: RawFd, _token: Token) -> io::Result<()> {
         self.ensure_owner()?;
-        let slot = self
+        let slot = *self
             .by_fd
-            .remove(&fd)
+            .get(&fd)
             .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
         let was_armed = self.slots[slot].armed.is_some();
+        // A failed disarm leaves the registration as it was, for the core to retry.
         self.disarm(slot)?;
+        self.by_fd.remove(&fd);
         self.slots.remove(slot);
         // The poll holds a reference to the file until the kernel sees the removal: it goes
         // out in `flush`, which the core calls right after this batch of changes.
@@ -445,9 +493,15 @@ impl Backend for IoUring {
 
     fn wait(&mut self, ready: &mut Vec<Readiness>, timeout: Option<Duration>) -> io::Result<()> {
         self.ensure_owner()?;
-        for slot in std::mem::take(&mut self.rearm) {
+        let mut rearm = std::mem::take(&mut self.rearm);
+        for (i, &slot) in rearm.iter().enumerate() {
             if self.slots.contains(slot) {
-                self.arm(slot)?;
+                if let Err(e) = self.arm(slot) {
+                    // Keep what is not armed yet for the next wait.
+                    rearm.drain(..i);
+                    self.rearm.append(&mut rearm);
+                    return Err(e);
+                }
             }
         }
         let timeout = if self.backlog.is_empty() {

@@ -241,3 +241,108 @@ pub fn public_types_are_send_and_sync<B: Backend>() {
     drop(lp);
     drop(h);
 }
+
+/// A loop that does not block (an every-iteration timer keeps its waits at zero) is not
+/// asleep: changes from another thread cost no eventfd write, and all of them land.
+pub fn no_wake_writes_while_the_loop_never_blocks<B: Backend>() {
+    let mut lp = new_loop::<B>();
+    let h = lp.handle().clone();
+    h.add_timeout(Frequency::EveryIteration, |_, _| {}).unwrap();
+    let (r, _w) = pipe();
+    let id = h
+        .add_handle(raw(&r), Events::empty(), |_, _, _, _| {})
+        .unwrap();
+    run_iterations(&mut lp, 1);
+    let storm_done = Arc::new(AtomicBool::new(false));
+    let ready = Arc::new(Barrier::new(2));
+    let (done, go) = (Arc::clone(&storm_done), Arc::clone(&ready));
+    let h2 = h.clone();
+    let stormer = thread::spawn(move || {
+        go.wait();
+        for i in 0..20_000 {
+            let events = if i % 2 == 0 {
+                Events::READABLE
+            } else {
+                Events::empty()
+            };
+            h2.update_handle(id, events).unwrap();
+        }
+        h2.invoke(|_| {}).unwrap();
+        done.store(true, Ordering::SeqCst);
+    });
+    ready.wait();
+    let before = lp.stats();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !storm_done.load(Ordering::SeqCst) && Instant::now() < deadline {
+        // A long timeout: the every-iteration timer must keep it from blocking.
+        lp.run_once_timeout(Duration::from_secs(5)).unwrap();
+    }
+    stormer.join().unwrap();
+    run_iterations(&mut lp, 1);
+    let writes = lp.stats().wake_writes - before.wake_writes;
+    assert_eq!(
+        writes, 0,
+        "{writes} eventfd writes while the loop never slept"
+    );
+}
+
+/// `remove_handle` (and `update_handle` to empty) from another thread, while the loop thread
+/// is inside that watch's callback, returns only after the callback returned, and the callback
+/// never starts after it returned: the fd may be closed at once.
+pub fn remove_from_other_thread_waits_for_a_running_callback<B: Backend>() {
+    for pause in [false, true] {
+        let mut lp = new_loop::<B>();
+        let h = lp.handle().clone();
+        let (r, w) = pipe();
+        write(&w, b"x");
+        let returned = Arc::new(AtomicBool::new(false));
+        let overlapped = Arc::new(AtomicBool::new(false));
+        let started_after = Arc::new(AtomicBool::new(false));
+        let (started_tx, started) = std::sync::mpsc::channel();
+        let id = {
+            let (returned, overlapped, started_after) = (
+                Arc::clone(&returned),
+                Arc::clone(&overlapped),
+                Arc::clone(&started_after),
+            );
+            h.add_handle(raw(&r), Events::READABLE, move |_, _, _, _| {
+                if returned.load(Ordering::SeqCst) {
+                    started_after.store(true, Ordering::SeqCst);
+                }
+                let _ = started_tx.send(());
+                // Give the remover every chance to return while this runs.
+                thread::sleep(Duration::from_millis(30));
+                if returned.load(Ordering::SeqCst) {
+                    overlapped.store(true, Ordering::SeqCst);
+                }
+            })
+            .unwrap()
+        };
+        let remover = {
+            let (h, returned) = (h.clone(), Arc::clone(&returned));
+            thread::spawn(move || {
+                started.recv_timeout(Duration::from_secs(20)).unwrap();
+                if pause {
+                    h.update_handle(id, Events::empty()).unwrap();
+                } else {
+                    h.remove_handle(id).unwrap();
+                }
+                returned.store(true, Ordering::SeqCst);
+            })
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !returned.load(Ordering::SeqCst) && Instant::now() < deadline {
+            lp.run_once_timeout(Duration::from_millis(10)).unwrap();
+        }
+        remover.join().unwrap();
+        run_iterations(&mut lp, 3);
+        assert!(
+            !overlapped.load(Ordering::SeqCst),
+            "pause={pause}: the remover returned while the callback ran"
+        );
+        assert!(
+            !started_after.load(Ordering::SeqCst),
+            "pause={pause}: the callback started after the remover returned"
+        );
+    }
+}
