@@ -172,6 +172,8 @@ macro_rules! __conformance_cases {
             lifecycle::regular_file_always_ready,
             lifecycle::closed_while_registered_is_silent,
             lifecycle::closed_regular_file_while_registered_is_silent,
+            lifecycle::stale_watch_never_reports_the_file_that_reused_its_number,
+            lifecycle::eventfd_replaced_on_the_same_number_is_a_new_registration,
             lifecycle::net_zero_changes_cost_no_kernel_change,
             lifecycle::many_fds_few_active,
             lifecycle::more_ready_fds_than_a_completion_queue_holds,

@@ -79,7 +79,12 @@ fn file_ident(fd: RawFd) -> io::Result<FileIdent> {
     // reported to the caller; no memory is touched through the fd.
     let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
     let stat = rustix::fs::fstat(borrowed)?;
-    Ok((stat.st_dev, stat.st_ino))
+    Ok(FileIdent {
+        dev: stat.st_dev,
+        ino: stat.st_ino,
+        // Anonymous inodes have no file type bits (`S_IFMT`).
+        provable: stat.st_mode & 0o170_000 != 0,
+    })
 }
 
 impl LoopHandle {
@@ -94,8 +99,9 @@ impl LoopHandle {
     /// on the loop thread, after the watch is removed (libvirt's free function).
     ///
     /// vireo never closes `fd`. Remove every watch on an fd before closing it: closing a
-    /// watched fd is a contract violation after which that watch stays silent (see the crate
-    /// docs, *File descriptors*).
+    /// watched fd is a contract violation, after which what the stale watch hears depends on
+    /// the backend and on whether the number is reused (see the crate docs, *File
+    /// descriptors*).
     ///
     /// # Errors
     ///

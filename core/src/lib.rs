@@ -96,7 +96,13 @@
 //! - **Deferred removal**: removed entries are skipped at once and their state is dropped on
 //!   the loop thread at the next purge point, never inside `remove_*` and never under a lock.
 //! - **Timers** never fire early and do not drift.
-//! - **Wakeups** from other threads are immediate and cost one eventfd write per sleep.
+//! - **Wakeups** from other threads are immediate and cost one eventfd write per sleep; a loop
+//!   that does not block (zero timeout) costs them none.
+//! - **Registration errors** belong to their fd: when the kernel refuses an interest change,
+//!   that fd's watches receive `ERROR` (every iteration, as the change is retried) and every
+//!   other fd is served as usual; `run_once` does not fail for it.
+//! - **Removal from another thread** waits for an invocation of that watch that is running on
+//!   the loop thread, so nothing of the watch runs once `remove_handle` returns.
 //!
 //! # File descriptors
 //!
@@ -109,15 +115,25 @@
 //!   removing one leaves the other working.
 //! - **Remove, close, reopen, re-add**: allowed at any time, also within one iteration. The
 //!   core compares the file's identity (`st_dev`, `st_ino`) at add and re-registers the new
-//!   file, so no event of the old file ever reaches the new watch. (Two opens of the same FIFO
-//!   or terminal path share that identity: re-opening such a path onto the same number between
-//!   a remove and a re-add in one iteration is not detected; let the loop run once in between.)
+//!   file, so no event of the old file ever reaches the new watch. Anonymous-inode files
+//!   (eventfd, timerfd, signalfd, epoll and io_uring fds) all share one identity, so a watch
+//!   added for such an fd after every watch on its number was removed is always registered
+//!   afresh (one kernel change more than for a pipe or socket removed and re-added within an
+//!   iteration). What remains undetected: two opens of the same FIFO or terminal path share
+//!   their identity, so re-opening such a path onto the same number between a remove and a
+//!   re-add in one iteration is taken for the same file; let the loop run once in between.
 //! - **Closing an fd while it is watched** is a contract violation. vireo neither crashes nor
-//!   spins and never reports to another watch: the watch gets at most one more report (an
-//!   io_uring poll in flight holds the file open until it completes) and then stays silent,
-//!   and removing it afterwards succeeds and drops its state once. (If another fd still
-//!   refers to the same open file, epoll keeps reporting that file while poll reports nothing;
-//!   which one you get is unspecified, so remove first.)
+//!   spins, and removing the stale watch afterwards succeeds and drops its state once. While
+//!   the number stays closed the watch gets at most one more report (an io_uring poll in
+//!   flight holds the file open until it completes), then stays silent. Once a watch is added
+//!   for a file that reused the number, the stale watch leaves the fan-out and never reports
+//!   again, on every backend. Between that reuse and that add, epoll and portable keep the
+//!   stale watch silent (the kernel dropped its registration with the file), but poll,
+//!   io_uring and the scripted backend wait on numbers, not files, and report the new file's
+//!   readiness to the stale watch: telling the files apart would cost an `fstat` per report,
+//!   more than the whole dispatch. So remove first, then close. (If another fd still refers
+//!   to the same open file, epoll keeps reporting that file while poll reports nothing; which
+//!   one you get is unspecified.)
 #![deny(missing_docs)]
 
 mod backend;

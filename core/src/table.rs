@@ -41,12 +41,22 @@ impl Hasher for IntHasher {
 
 type IntMap<K, V> = HashMap<K, V, BuildHasherDefault<IntHasher>>;
 
-/// What identifies the file behind an fd number: `(st_dev, st_ino)` from `fstat`.
-pub(crate) type FileIdent = (u64, u64);
+/// What identifies the file behind an fd number: `st_dev` and `st_ino` from `fstat`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FileIdent {
+    pub(crate) dev: u64,
+    pub(crate) ino: u64,
+    /// False for anonymous-inode files (eventfd, timerfd, signalfd, epoll, ...): they all
+    /// share one inode, so the pair cannot tell one from another.
+    pub(crate) provable: bool,
+}
 
 pub(crate) struct Watch {
     pub(crate) fd: RawFd,
     fd_slot: usize,
+    /// Left behind by a file that was closed while watched: its number now names another
+    /// file, so the watch is out of its fd's fan-out (silent) until it is removed.
+    detached: bool,
     pub(crate) events: Events,
     pub(crate) removed: bool,
     /// `None` only while the callback runs.
@@ -120,6 +130,9 @@ pub(crate) struct State {
     pub(crate) failed: Vec<Token>,
 }
 
+/// Room the invoke queue keeps once it has been drained.
+const INVOKES_KEPT: usize = 1024;
+
 /// The first deadline after `now` on the grid `deadline + k * period` (k >= 1): the periods
 /// missed while the loop was busy coalesce into the firing that is running, and the grid
 /// stays where it was (no drift). Computed in 128-bit nanoseconds, so any number of missed
@@ -175,12 +188,26 @@ impl State {
         let slot = match self.fd_index.get(&fd) {
             Some(&slot) => {
                 let entry = &mut self.fds[slot];
-                if entry.ident != ident {
+                let other_file = entry.ident != ident;
+                // Two anonymous-inode files look the same: after every watch of the old one
+                // was removed, a new watch may be for another file on the same number (an
+                // eventfd replaced with dup2), so it gets a registration of its own.
+                let unprovable = !ident.provable && entry.watches.is_empty();
+                if other_file || unprovable {
                     // The number was closed and reused (after its watches were removed, or in
                     // violation of the contract): the kernel registration, if any, is not for
                     // this file.
                     entry.ident = ident;
                     entry.reopened = true;
+                    if other_file {
+                        // Watches still here belong to the closed file: they must never
+                        // receive the new file's events.
+                        for stale in std::mem::take(&mut entry.watches) {
+                            if let Some(w) = self.watches.get_mut(&stale) {
+                                w.detached = true;
+                            }
+                        }
+                    }
                     self.mark_dirty(slot);
                 }
                 slot
@@ -213,6 +240,7 @@ impl State {
             Watch {
                 fd,
                 fd_slot: slot,
+                detached: false,
                 events,
                 removed: false,
                 cb: Some(cb),
@@ -228,8 +256,10 @@ impl State {
         };
         if watch.events != events {
             watch.events = events;
-            let slot = watch.fd_slot;
-            self.mark_dirty(slot);
+            if !watch.detached {
+                let slot = watch.fd_slot;
+                self.mark_dirty(slot);
+            }
         }
         true
     }
@@ -240,9 +270,11 @@ impl State {
             return false;
         };
         watch.removed = true;
-        let slot = watch.fd_slot;
-        self.fds[slot].watches.retain(|w| *w != id);
-        self.mark_dirty(slot);
+        if !watch.detached {
+            let slot = watch.fd_slot;
+            self.fds[slot].watches.retain(|w| *w != id);
+            self.mark_dirty(slot);
+        }
         self.removed_watches.push(id);
         true
     }
@@ -344,6 +376,11 @@ impl State {
             if let Some(timer) = self.timers.remove(&id) {
                 garbage.timers.extend(timer.cb);
             }
+        }
+        if self.invokes.is_empty() && self.invokes.capacity() > INVOKES_KEPT {
+            // A storm of invokes grew the queue; keep a little for the next burst and give
+            // the rest back (1M queued closures would otherwise pin 16 MiB for good).
+            self.invokes.shrink_to(INVOKES_KEPT);
         }
         if self.timers.is_empty() && self.timers.capacity() > 0 {
             // Removals leave tombstones that later inserts would pay for with a rehash into a
@@ -557,5 +594,36 @@ impl State {
                 self.dirty.push(slot);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_drained_invoke_queue_gives_its_memory_back() {
+        let mut state = State::default();
+        for _ in 0..100_000 {
+            state.invokes.push_back(Box::new(|_: &LoopHandle| {}));
+        }
+        state.invokes.clear();
+        state.purge(&mut Garbage::default());
+        assert!(
+            state.invokes.capacity() <= INVOKES_KEPT,
+            "{}",
+            state.invokes.capacity()
+        );
+    }
+
+    #[test]
+    fn the_grid_is_exact_beyond_two_to_the_32_missed_periods() {
+        let start = Instant::now();
+        let period = Duration::from_nanos(3);
+        let now = start + Duration::from_secs(20); // 6.7e9 periods
+        let next = next_on_grid(start, period, now).unwrap();
+        assert!(next > now && next <= now + period);
+        assert_eq!(next.duration_since(start).as_nanos() % 3, 0);
+        assert_eq!(next_on_grid(start, Duration::MAX, now), None);
     }
 }

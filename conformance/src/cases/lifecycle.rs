@@ -316,6 +316,85 @@ pub fn closed_while_registered_is_silent<B: Backend>() {
     assert_eq!(probe.drops(), 1);
 }
 
+/// A watched fd closed and its number reused while the watch was never removed (a contract
+/// violation): once a watch is added for the new file, the old watch is out of the fan-out
+/// and never reports the new file, on every backend; the new watch gets the new file's
+/// events; removing the old watch still succeeds and drops its state once.
+pub fn stale_watch_never_reports_the_file_that_reused_its_number<B: Backend>() {
+    let mut lp = new_loop::<B>();
+    let h = lp.handle().clone();
+    let (mut reader, _old_w) = pipe();
+    let probe = DropProbe::new();
+    let log = Recorder::new();
+    let old = h
+        .add_handle(
+            raw(&reader),
+            Events::READABLE,
+            log.tracked_watch(probe.tracked()),
+        )
+        .unwrap();
+    run_iterations(&mut lp, 1);
+    let number = raw(&reader);
+    // Close the number and open another file on it, with the old watch still registered.
+    let (new_r, new_w) = pipe();
+    rustix::io::dup2(&new_r, &mut reader).unwrap();
+    drop(new_r);
+    write(&new_w, b"for the new watch");
+    let new = h.add_handle(number, Events::READABLE, log.watch()).unwrap();
+    run_until(&mut lp, "the new file's READABLE", || {
+        !log.events_of(new).is_empty()
+    });
+    run_iterations(&mut lp, 5);
+    assert!(
+        log.events_of(old).is_empty(),
+        "the old watch received the new file's events: {}",
+        summary(&log.take())
+    );
+    assert!(log.events_of(new).iter().all(|e| *e == Events::READABLE));
+    h.remove_handle(old).unwrap();
+    run_iterations(&mut lp, 1);
+    assert_eq!(probe.drops(), 1);
+    // The new watch is unaffected by the old one's removal.
+    log.take();
+    run_iterations(&mut lp, 1);
+    assert_eq!(log.events_of(new), vec![Events::READABLE]);
+}
+
+/// An eventfd removed, replaced by another eventfd on the same number (`dup2`) and watched
+/// again within one iteration: all anonymous-inode files share one `(st_dev, st_ino)`, so the
+/// core cannot prove it is the same file and registers the new one afresh. The new watch never
+/// gets the old file's readiness and does get its own.
+pub fn eventfd_replaced_on_the_same_number_is_a_new_registration<B: Backend>() {
+    use rustix::event::{EventfdFlags, eventfd};
+    let mut lp = new_loop::<B>();
+    let h = lp.handle().clone();
+    let mut first = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK).unwrap();
+    let log = Recorder::new();
+    let old = h
+        .add_handle(raw(&first), Events::READABLE, log.watch())
+        .unwrap();
+    run_iterations(&mut lp, 1);
+    rustix::io::write(&first, &1u64.to_ne_bytes()).unwrap();
+    run_until(&mut lp, "the first eventfd's READABLE", || !log.is_empty());
+    let number = raw(&first);
+    // In one iteration: remove, replace the file, watch the number again.
+    h.remove_handle(old).unwrap();
+    let second = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK).unwrap();
+    rustix::io::dup2(&second, &mut first).unwrap();
+    log.take();
+    let new = h.add_handle(number, Events::READABLE, log.watch()).unwrap();
+    run_iterations(&mut lp, 3);
+    assert!(
+        log.is_empty(),
+        "the new eventfd got the old one's readiness: {}",
+        summary(&log.take())
+    );
+    rustix::io::write(&second, &1u64.to_ne_bytes()).unwrap();
+    run_until(&mut lp, "the second eventfd's READABLE", || !log.is_empty());
+    assert_eq!(log.events_of(new)[0], Events::READABLE);
+    drop(second);
+}
+
 /// A regular file closed while watched (a contract violation) goes silent like any other fd:
 /// the always-ready emulation of backends whose kernel refuses regular files must notice the
 /// close instead of reporting it, with a zero timeout, forever.
