@@ -475,4 +475,60 @@ mod loom_models {
             assert_eq!(queue.load(SeqCst), 0);
         });
     }
+
+    /// An idle-timeout retirement racing a submit (the pool's `Shared::retire` and
+    /// `Pool::ensure_a_worker`): the last worker counts itself out under the control lock,
+    /// fences and looks at the queue, taking itself back in when a job is there; the submitter
+    /// queues, fences and reads the count, starting a worker when it reads zero. Either the
+    /// worker sees the job or the submitter sees no worker: the job always runs, exactly once.
+    #[test]
+    fn idle_retirement_racing_a_submit_strands_no_job() {
+        loom::model(|| {
+            let queue = Arc::new(AtomicUsize::new(0));
+            let control = Arc::new(Mutex::new(1usize));
+            let mirror = Arc::new(AtomicUsize::new(1));
+            let ran = Arc::new(AtomicUsize::new(0));
+            let retiring = {
+                let (queue, control, mirror, ran) =
+                    (queue.clone(), control.clone(), mirror.clone(), ran.clone());
+                loom::thread::spawn(move || {
+                    let mut workers = control.lock().unwrap();
+                    *workers -= 1;
+                    mirror.store(*workers, SeqCst);
+                    fence(SeqCst);
+                    if queue.load(SeqCst) > 0 {
+                        // A job arrived while it timed out: stay.
+                        *workers += 1;
+                        mirror.store(*workers, SeqCst);
+                        drop(workers);
+                        if take(&queue) {
+                            ran.fetch_add(1, SeqCst);
+                        }
+                    }
+                })
+            };
+            queue.fetch_add(1, SeqCst);
+            fence(SeqCst);
+            let mut started = None;
+            if mirror.load(SeqCst) == 0 {
+                let mut workers = control.lock().unwrap();
+                if *workers == 0 {
+                    *workers += 1;
+                    mirror.store(*workers, SeqCst);
+                    let (queue, ran) = (queue.clone(), ran.clone());
+                    started = Some(loom::thread::spawn(move || {
+                        if take(&queue) {
+                            ran.fetch_add(1, SeqCst);
+                        }
+                    }));
+                }
+            }
+            retiring.join().unwrap();
+            if let Some(worker) = started {
+                worker.join().unwrap();
+            }
+            assert_eq!(ran.load(SeqCst), 1, "the job was stranded");
+            assert_eq!(queue.load(SeqCst), 0);
+        });
+    }
 }

@@ -554,7 +554,7 @@ impl Server {
     ///
     /// An error of the event loop's backend.
     pub fn run(mut self) -> io::Result<ServerSummary> {
-        let mut grace_until: Option<Instant> = None;
+        let mut grace_until: Option<Option<Instant>> = None;
         loop {
             if self.requested.load(SeqCst) {
                 let mut st = lock(&self.state);
@@ -565,9 +565,10 @@ impl Server {
                     break;
                 }
                 if st.all_answered() {
-                    let until =
-                        *grace_until.get_or_insert(Instant::now() + st.config.shutdown_grace);
-                    if Instant::now() >= until {
+                    // A grace too long for `Instant` is no deadline at all.
+                    let until = *grace_until
+                        .get_or_insert(Instant::now().checked_add(st.config.shutdown_grace));
+                    if until.is_some_and(|until| Instant::now() >= until) {
                         tracing::warn!(
                             clients = st.clients.len(),
                             "shutdown: clients did not read their replies in time"

@@ -65,11 +65,7 @@ struct SoakArgs {
 }
 
 fn soak(args: SoakArgs) -> anyhow::Result<()> {
-    if !(args.duration > 0.0
-        && args.duration.is_finite()
-        && args.window > 0.0
-        && args.window.is_finite())
-    {
+    if !(args.duration > 0.0 && args.duration <= 1e9 && args.window > 0.0 && args.window <= 1e9) {
         bail!("--duration and --window must be positive numbers of seconds");
     }
     if args.clients == 0 {
@@ -380,7 +376,7 @@ fn timers(mut args: TimersArgs) -> anyhow::Result<()> {
         args.periodic = args.periodic.min(1000);
         args.duration = args.duration.min(0.5);
     }
-    if !(args.duration > 0.0 && args.duration.is_finite()) || args.add_cancel == 0 {
+    if !(args.duration > 0.0 && args.duration <= 1e9) || args.add_cancel == 0 {
         bail!("--duration must be positive and --add-cancel at least 1");
     }
     let bar = progress_bar(args.out.json);
@@ -785,7 +781,7 @@ fn rpc_report(args: &mut RpcArgs, progress: &dyn Fn(&str)) -> anyhow::Result<Rep
         args.duration = args.duration.min(0.3);
         args.runs = 1;
     }
-    if !(args.duration > 0.0 && args.duration.is_finite()) {
+    if !(args.duration > 0.0 && args.duration <= 1e9) {
         bail!("--duration must be a positive number of seconds");
     }
     if args.runs == 0 || args.workers == 0 || args.inflight == 0 {

@@ -78,8 +78,8 @@ fn main() -> anyhow::Result<()> {
             vireo_rpc::proto::MAX_MESSAGE
         );
     }
-    if !(args.keepalive_interval >= 0.0 && args.keepalive_interval.is_finite()) {
-        bail!("--keepalive-interval must be a number of seconds, 0 or more");
+    if !(args.keepalive_interval >= 0.0 && args.keepalive_interval <= 1e9) {
+        bail!("--keepalive-interval must be a number of seconds, from 0 to 1e9");
     }
     let config = ServerConfig {
         listen: args.listen,
