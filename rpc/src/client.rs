@@ -208,7 +208,8 @@ impl Client {
     ///
     /// # Errors
     ///
-    /// As [`echo`](Client::echo): invalid limits come back as a [`RemoteError`].
+    /// As [`echo`](Client::echo): invalid limits, limits above the server's worker ceiling and
+    /// a server that does not allow `SET_LIMITS` come back as a [`RemoteError`].
     pub fn set_limits(
         &mut self,
         min: Option<u32>,

@@ -76,6 +76,9 @@ pub enum Procedure {
     /// Priority: the reply is UTF-8 JSON with pool, loop and client statistics.
     Stats = 4,
     /// Priority: payload three `i64` BE `min, max, prio` worker limits, -1 = unchanged.
+    /// Answered with `ERROR` unless the server allows it
+    /// ([`ServerConfig::allow_set_limits`](crate::server::ServerConfig::allow_set_limits)),
+    /// and for a limit above its worker ceiling.
     SetLimits = 5,
 }
 
