@@ -35,7 +35,7 @@ impl Shared {
     /// invocation of it that had already started returns, so that nothing of it runs once
     /// the caller returns. The loop thread never waits (the invocation is its own caller).
     fn wait_for_invocation(&self, mut state: MutexGuard<'_, State>, id: WatchId) {
-        if state.running != Some(id) || state.loop_thread == Some(std::thread::current().id()) {
+        if state.running != Some(id) || state.loop_thread == Some(this_thread()) {
             return;
         }
         state.waiting_removers += 1;
@@ -47,6 +47,15 @@ impl Shared {
         }
         state.waiting_removers -= 1;
     }
+}
+
+/// The calling thread's id, read from a thread-local (`thread::current()` would clone an
+/// `Arc` on every iteration).
+fn this_thread() -> std::thread::ThreadId {
+    thread_local! {
+        static ID: std::thread::ThreadId = std::thread::current().id();
+    }
+    ID.with(|id| *id)
 }
 
 /// A cheap, cloneable, thread-safe handle to an [`EventLoop`]: libvirt's event API.
@@ -561,7 +570,7 @@ impl<B: Backend> EventLoop<B> {
 
         let (timeout, seen) = {
             let mut state = shared.lock();
-            state.loop_thread = Some(std::thread::current().id());
+            state.loop_thread = Some(this_thread());
             state.sync(&mut self.backend)?;
             let mut timeout = state.timeout(shared.now());
             if shared.quit.load(Ordering::SeqCst) {
