@@ -578,12 +578,12 @@ impl Shared {
         if !self.must_exit(&control, kind, idle_timed_out) {
             return false;
         }
-        self.count_exit(&mut control, kind, -1);
+        self.count_worker(&mut control, kind, -1);
         if idle_timed_out && control.mode == Mode::Running && !self.nothing_queued() {
             // A job arrived while this worker timed out. The count went down first and the
-            // queues are read after it (the fence pairs with the one in `push_normal`): either
+            // queues are read after it (the fence pairs with `Pool::ensure_a_worker`): either
             // this read sees the job, or the submitter sees the lower count and grows the pool.
-            self.count_exit(&mut control, kind, 1);
+            self.count_worker(&mut control, kind, 1);
             return false;
         }
         self.changed.notify_all();
@@ -591,7 +591,7 @@ impl Shared {
     }
 
     /// Moves the count of workers of `kind` by `delta` (±1), with its lock-free mirror.
-    fn count_exit(&self, control: &mut Control, kind: Kind, delta: isize) {
+    fn count_worker(&self, control: &mut Control, kind: Kind, delta: isize) {
         let (count, mirror) = match kind {
             Kind::Normal => (&mut control.workers, &self.workers),
             Kind::Priority => (&mut control.prio_workers, &self.prio_workers),
@@ -774,7 +774,7 @@ impl Pool {
     /// raced this submit), start one, so that no job waits in a pool without workers.
     fn ensure_a_worker(&self) {
         let s = &self.shared;
-        // Pairs with the fence in `Shared::count_exit`: a retiring worker lowers the count and
+        // Pairs with the fence in `Shared::count_worker`: a retiring worker lowers the count and
         // then reads the queues; the submitter queued and now reads the count.
         std::sync::atomic::fence(SeqCst);
         if s.workers.load(SeqCst) == 0 {
