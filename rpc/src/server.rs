@@ -443,7 +443,8 @@ impl Server {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!(
-                    "{most} workers is above the worker ceiling of {} (raise worker_ceiling)",
+                    "{most} workers is above the worker ceiling of {} (raise it: worker_ceiling, \
+                     vireo-rpcd --worker-ceiling)",
                     config.worker_ceiling
                 ),
             ));
