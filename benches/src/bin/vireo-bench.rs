@@ -37,6 +37,9 @@ enum Command {
     /// Waking a sleeping loop from another thread: latency and throughput of vireo's invoke
     /// (and update_handle) beside mio's Waker + channel and calloop's channel.
     Wake(WakeArgs),
+    /// The core's dispatch alone: ns per readiness on a backend that reports N watches ready
+    /// from memory (no system call), beside a loop calling the same boxed closures from a Vec.
+    Dispatch(DispatchArgs),
     /// Every benchmark above at moderate sizes: a markdown report (the body of BENCHMARKS.md)
     /// and SVG charts.
     Compare(CompareArgs),
@@ -185,6 +188,14 @@ fn compare(args: CompareArgs) -> anyhow::Result<()> {
         },
         |m| progress("wake", m),
     )?);
+    reports.push(vireo_benches::dispatch::report(
+        &vireo_benches::dispatch::DispatchOptions {
+            reports: if q { 100_000 } else { 2_000_000 },
+            runs: if q { 1 } else { 5 },
+            ..Default::default()
+        },
+        |m| progress("dispatch", m),
+    )?);
     let hidden = Output {
         json: false,
         plot: None,
@@ -310,6 +321,43 @@ fn machine() -> String {
         uname.release().to_string_lossy(),
         uname.machine().to_string_lossy()
     )
+}
+
+#[derive(Debug, Args)]
+struct DispatchArgs {
+    /// Ready watches per iteration (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "10,100,1000,10000")]
+    ready: Vec<usize>,
+    /// Readiness reports per run.
+    #[arg(long, default_value_t = 2_000_000)]
+    reports: usize,
+    /// Runs per point; medians are reported.
+    #[arg(long, default_value_t = 7)]
+    runs: usize,
+    /// A smoke run well under a minute.
+    #[arg(long)]
+    quick: bool,
+    #[command(flatten)]
+    out: Output,
+}
+
+fn dispatch(mut args: DispatchArgs) -> anyhow::Result<()> {
+    if args.quick {
+        args.reports = args.reports.min(200_000);
+        args.runs = args.runs.min(3);
+    }
+    if args.ready.is_empty() || args.ready.contains(&0) || args.reports == 0 || args.runs == 0 {
+        bail!("--ready must all be at least 1, --reports and --runs at least 1");
+    }
+    let bar = progress_bar(args.out.json);
+    let opts = vireo_benches::dispatch::DispatchOptions {
+        ready: args.ready,
+        reports: args.reports,
+        runs: args.runs,
+    };
+    let report = vireo_benches::dispatch::report(&opts, |m| bar.set_message(m.to_owned()))?;
+    bar.finish_and_clear();
+    emit(&report, &args.out)
 }
 
 #[derive(Debug, Args)]
@@ -560,6 +608,7 @@ fn main() -> anyhow::Result<()> {
         Command::Pipes(args) => pipes(args),
         Command::Timers(args) => timers(args),
         Command::Wake(args) => wake(args),
+        Command::Dispatch(args) => dispatch(args),
         Command::Compare(args) => compare(args),
         Command::Soak(args) => soak(args),
     }
