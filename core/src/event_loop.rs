@@ -322,26 +322,30 @@ pub struct LoopStats {
     pub backend_rebuilds: u64,
 }
 
-/// Holds a watch callback while it runs and returns it to the table afterwards, also when it
-/// panics, so the watch stays usable.
-struct RunningWatch<'a> {
+/// Holds the watch callbacks taken out of the table during one dispatch pass and returns them
+/// all under one lock when the pass ends, also when a callback panics, so every watch stays
+/// usable. (Removed entries stay in the table until the next purge, so nothing is dropped
+/// under the lock here.)
+struct RunningWatches<'a> {
     shared: &'a Shared,
-    id: WatchId,
-    cb: Option<Box<WatchFn>>,
+    taken: &'a mut Vec<(WatchId, Box<WatchFn>)>,
 }
 
-impl Drop for RunningWatch<'_> {
+impl Drop for RunningWatches<'_> {
     fn drop(&mut self) {
+        if self.taken.is_empty() {
+            return;
+        }
         let mut state = self.shared.lock();
-        if let (Some(w), Some(cb)) = (state.watches.get_mut(&self.id), self.cb.take()) {
-            w.cb = Some(cb);
+        for (id, cb) in self.taken.drain(..) {
+            if let Some(w) = state.watches.get_mut(&id) {
+                w.cb = Some(cb);
+            }
         }
         state.running = None;
         if state.waiting_removers > 0 {
             self.shared.finished.notify_all();
         }
-        // Removed entries stay in the table until the next purge, so nothing is left here to
-        // drop under the lock.
     }
 }
 
@@ -390,6 +394,8 @@ pub struct EventLoop<B: Backend> {
     handle: LoopHandle,
     ready: Vec<Readiness>,
     candidates: Vec<(WatchId, Events)>,
+    /// Callbacks out of the table during the dispatch pass (kept for its capacity).
+    taken: Vec<(WatchId, Box<WatchFn>)>,
     due: Vec<Due>,
     /// Index into `due` of the next timer to dispatch; `due[due_next..]` survive a panic.
     due_next: usize,
@@ -439,6 +445,7 @@ impl<B: Backend> EventLoop<B> {
             },
             ready: Vec::with_capacity(256),
             candidates: Vec::with_capacity(256),
+            taken: Vec::with_capacity(256),
             due: Vec::new(),
             due_next: 0,
             iterations: 0,
@@ -651,41 +658,47 @@ impl<B: Backend> EventLoop<B> {
             drop(running);
         }
 
-        for i in 0..self.candidates.len() {
-            let (id, ready) = self.candidates[i];
+        // One lock per watch to take its callback (and see at once whether it was removed or
+        // paused meanwhile); the callbacks go back in one batch when the pass ends.
+        let running = RunningWatches {
+            shared: &shared,
+            taken: &mut self.taken,
+        };
+        for &(id, ready) in &self.candidates {
             let taken = {
                 let mut state = shared.lock();
-                match state.watches.get_mut(&id) {
+                // The previous callback has returned: a remover waiting for it may go on.
+                let notify = state.running.is_some() && state.waiting_removers > 0;
+                state.running = None;
+                let taken = match state.watches.get_mut(&id) {
                     Some(w) if !w.removed && !w.events.is_empty() => {
                         let deliver = ready & (w.events | Events::ALWAYS);
                         if deliver.is_empty() {
                             None
                         } else {
-                            let taken = w.cb.take().map(|cb| (cb, w.fd, deliver));
-                            if taken.is_some() {
-                                state.running = Some(id);
-                            }
-                            taken
+                            w.cb.take().map(|cb| (cb, w.fd, deliver))
                         }
                     }
                     _ => None,
+                };
+                if taken.is_some() {
+                    state.running = Some(id);
                 }
+                if notify {
+                    shared.finished.notify_all();
+                }
+                taken
             };
             let Some((cb, fd, deliver)) = taken else {
                 continue;
             };
             count += 1;
             self.dispatched += 1;
-            let mut running = RunningWatch {
-                shared: &shared,
-                id,
-                cb: Some(cb),
-            };
-            if let Some(cb) = running.cb.as_mut() {
-                cb(&self.handle, id, fd, deliver);
-            }
-            drop(running);
+            running.taken.push((id, cb));
+            let (_, cb) = running.taken.last_mut().expect("just pushed");
+            cb(&self.handle, id, fd, deliver);
         }
+        drop(running);
 
         let queued = shared.lock().invokes.len();
         for _ in 0..queued {
