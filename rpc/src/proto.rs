@@ -289,10 +289,11 @@ const FIRST_CHUNK: usize = 4 * 1024;
 /// Assembles frames from a byte stream that arrives in pieces of any size.
 ///
 /// Memory follows the bytes that actually arrived, not what a length word announces: each
-/// read offers room for at most as many bytes as are already buffered (at least 4 KiB, never
-/// past the end of the frame being assembled plus 64 KiB), so a peer that announces a 16 MiB
-/// frame and sends one more byte costs about 4 KiB, and a whole 16 MiB frame is assembled in
-/// a logarithmic number of doublings. The buffer is kept between reads, so its bytes are
+/// read offers room for as many bytes as are already buffered or one read chunk, whichever
+/// is more (the chunk starts at 4 KiB and doubles, up to 64 KiB, while reads fill it), and
+/// never more than the rest of the frame being assembled plus one chunk. A peer that
+/// announces a 16 MiB frame and sends one more byte costs about 4 KiB, and a whole 16 MiB
+/// frame is assembled in a logarithmic number of doublings. The buffer is kept between reads, so its bytes are
 /// initialized once, not on every read; a connection that sends small calls keeps a small
 /// buffer (4 KiB to start).
 #[derive(Debug)]
