@@ -5,6 +5,7 @@
 //! runs and ratios between systems measured in that same run (machines are shared and noisy).
 #![deny(missing_docs)]
 
+pub mod contention;
 pub mod dispatch;
 pub mod heap;
 pub mod pipes;

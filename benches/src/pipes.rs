@@ -108,6 +108,12 @@ pub trait PipeSystem {
     ///
     /// The system's error.
     fn turn(&mut self) -> io::Result<()>;
+
+    /// The loop's handle, for systems that are a vireo loop (other threads talk to it in the
+    /// contention benchmark).
+    fn vireo_handle(&self) -> Option<vireo_core::LoopHandle> {
+        None
+    }
 }
 
 /// The systems: vireo on each compiled backend that starts here, then the others.
@@ -204,6 +210,10 @@ impl PipeSystem for Vireo {
 
     fn turn(&mut self) -> io::Result<()> {
         self.lp.run_once_timeout(Duration::ZERO).map(drop)
+    }
+
+    fn vireo_handle(&self) -> Option<vireo_core::LoopHandle> {
+        Some(self.lp.handle().clone())
     }
 }
 

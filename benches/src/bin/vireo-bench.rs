@@ -40,6 +40,9 @@ enum Command {
     /// The core's dispatch alone: ns per readiness on a backend that reports N watches ready
     /// from memory (no system call), beside a loop calling the same boxed closures from a Vec.
     Dispatch(DispatchArgs),
+    /// bench.c dispatch on vireo while 0, 1 and 2 other threads call invoke and update_handle
+    /// as fast as they can (the daemon's workers hand every reply back through invoke).
+    Contention(ContentionArgs),
     /// Every benchmark above at moderate sizes: a markdown report (the body of BENCHMARKS.md)
     /// and SVG charts.
     Compare(CompareArgs),
@@ -188,6 +191,14 @@ fn compare(args: CompareArgs) -> anyhow::Result<()> {
         },
         |m| progress("wake", m),
     )?);
+    reports.push(vireo_benches::contention::report(
+        &vireo_benches::contention::ContentionOptions {
+            pipes: if q { 100 } else { 1000 },
+            rounds: if q { 2 } else { 10 },
+            ..Default::default()
+        },
+        |m| progress("contention", m),
+    )?);
     reports.push(vireo_benches::dispatch::report(
         &vireo_benches::dispatch::DispatchOptions {
             reports: if q { 100_000 } else { 2_000_000 },
@@ -321,6 +332,55 @@ fn machine() -> String {
         uname.release().to_string_lossy(),
         uname.machine().to_string_lossy()
     )
+}
+
+#[derive(Debug, Args)]
+struct ContentionArgs {
+    /// Socketpairs.
+    #[arg(long, default_value_t = 1000)]
+    pipes: usize,
+    /// First writes per round (active pairs).
+    #[arg(long, default_value_t = 100)]
+    active: usize,
+    /// Chained writes per round.
+    #[arg(long, default_value_t = 1000)]
+    writes: usize,
+    /// Measured rounds per point.
+    #[arg(long, default_value_t = 15)]
+    rounds: usize,
+    /// Numbers of talking threads (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "0,1,2")]
+    talkers: Vec<usize>,
+    /// A smoke run well under a minute.
+    #[arg(long)]
+    quick: bool,
+    /// Run only these systems (repeatable): vireo-BACKEND.
+    #[arg(long = "system", value_name = "NAME")]
+    systems: Vec<String>,
+    #[command(flatten)]
+    out: Output,
+}
+
+fn contention(mut args: ContentionArgs) -> anyhow::Result<()> {
+    if args.quick {
+        args.pipes = args.pipes.min(100);
+        args.rounds = args.rounds.min(3);
+    }
+    if args.pipes == 0 || args.active == 0 || args.rounds == 0 || args.talkers.is_empty() {
+        bail!("--pipes, --active and --rounds must be at least 1, --talkers not empty");
+    }
+    let bar = progress_bar(args.out.json);
+    let opts = vireo_benches::contention::ContentionOptions {
+        pipes: args.pipes,
+        active: args.active,
+        writes: args.writes,
+        rounds: args.rounds,
+        talkers: args.talkers,
+        systems: args.systems,
+    };
+    let report = vireo_benches::contention::report(&opts, |m| bar.set_message(m.to_owned()))?;
+    bar.finish_and_clear();
+    emit(&report, &args.out)
 }
 
 #[derive(Debug, Args)]
@@ -609,6 +669,7 @@ fn main() -> anyhow::Result<()> {
         Command::Timers(args) => timers(args),
         Command::Wake(args) => wake(args),
         Command::Dispatch(args) => dispatch(args),
+        Command::Contention(args) => contention(args),
         Command::Compare(args) => compare(args),
         Command::Soak(args) => soak(args),
     }

@@ -1,0 +1,211 @@
+//! Dispatch while other threads talk to the loop: bench.c's rounds (see [`crate::pipes`]) on
+//! a vireo loop while 0, 1 or 2 other threads call `invoke` and `update_handle` as fast as they
+//! can. The daemon's real workload: its workers hand every reply back through `invoke`.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::thread;
+
+use vireo_core::Events;
+
+use crate::pipes::{Counters, Pipes, round, start};
+use crate::report::{Chart, Report, Target, median};
+
+/// What `vireo-bench contention` runs.
+#[derive(Debug, Clone)]
+pub struct ContentionOptions {
+    /// Socketpairs.
+    pub pipes: usize,
+    /// First writes and chained writes per round.
+    pub active: usize,
+    /// Chained writes per round.
+    pub writes: usize,
+    /// Measured rounds per point (one warm-up round more).
+    pub rounds: usize,
+    /// Numbers of other threads (each point runs with that many talkers).
+    pub talkers: Vec<usize>,
+    /// Systems (`vireo-BACKEND`); all compiled vireo backends when empty.
+    pub systems: Vec<String>,
+}
+
+impl Default for ContentionOptions {
+    fn default() -> Self {
+        ContentionOptions {
+            pipes: 1000,
+            active: 100,
+            writes: 1000,
+            rounds: 15,
+            talkers: vec![0, 1, 2],
+            systems: Vec::new(),
+        }
+    }
+}
+
+/// Median dispatch µs of one system with `talkers` other threads, and the calls they made.
+fn measure(name: &str, opts: &ContentionOptions, talkers: usize) -> io::Result<(f64, u64)> {
+    let pipes = Arc::new(Pipes::new(opts.pipes)?);
+    let counters = Arc::new(Counters::default());
+    let mut sys = start(name, &pipes, &counters)?;
+    let handle = sys.vireo_handle().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{name} is not a vireo loop"),
+        )
+    })?;
+    // A watch of its own for the talkers to update (an idle socket: it never fires).
+    let (idle, _peer) = std::os::unix::net::UnixStream::pair()?;
+    let target = handle
+        .add_handle(idle.as_raw_fd(), Events::empty(), |_, _, _, _| {})
+        .map_err(io::Error::other)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let calls = Arc::new(AtomicU64::new(0));
+    let threads: Vec<_> = (0..talkers)
+        .map(|t| {
+            let (h, stop, calls) = (handle.clone(), Arc::clone(&stop), Arc::clone(&calls));
+            thread::spawn(move || {
+                let mut made = 0u64;
+                while !stop.load(Relaxed) {
+                    // Each talker alternates: an invoke, then a pause/resume of the idle watch.
+                    if made % 2 == 0 {
+                        let _ = h.invoke(|_| {});
+                    } else {
+                        let events = if (made / 2 + t as u64) % 2 == 0 {
+                            Events::READABLE
+                        } else {
+                            Events::empty()
+                        };
+                        let _ = h.update_handle(target, events);
+                    }
+                    made += 1;
+                }
+                calls.fetch_add(made, Relaxed);
+            })
+        })
+        .collect();
+    let mut dispatch = Vec::new();
+    let mut result = Ok(());
+    for r in 0..=opts.rounds {
+        match round(sys.as_mut(), &pipes, &counters, opts.active, opts.writes) {
+            Ok(done) if r > 0 => dispatch.push(done.dispatch.as_secs_f64() * 1e6),
+            Ok(_) => {}
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        }
+    }
+    stop.store(true, Relaxed);
+    for t in threads {
+        let _ = t.join();
+    }
+    // Run what the talkers left queued, so the loop drops it on this thread.
+    let _ = sys.turn();
+    result?;
+    drop(idle);
+    Ok((median(&mut dispatch), calls.load(Relaxed)))
+}
+
+/// Runs the benchmark and reports it.
+///
+/// # Errors
+///
+/// An unknown system or a system's error.
+pub fn report(opts: &ContentionOptions, mut progress: impl FnMut(&str)) -> io::Result<Report> {
+    let vireo: Vec<String> = crate::pipes::systems()
+        .into_iter()
+        .filter(|s| s.starts_with("vireo-"))
+        .collect();
+    let chosen = crate::report::choose(&vireo, &opts.systems)?;
+    let mut rep = Report {
+        bench: "contention".into(),
+        intro: vec![format!(
+            "vireo-bench contention: bench.c dispatch ({} pipes, {} active, {} writes; medians \
+             of {} rounds) while other threads call invoke and update_handle as fast as they \
+             can; ratio = dispatch with talkers / quiet",
+            opts.pipes, opts.active, opts.writes, opts.rounds
+        )],
+        columns: [
+            "system",
+            "talkers",
+            "dispatch us",
+            "vs quiet",
+            "calls by talkers",
+        ]
+        .map(String::from)
+        .to_vec(),
+        ..Report::default()
+    };
+    let mut chart = Chart {
+        name: "contention".into(),
+        title: "contention: dispatch us with other threads talking (lower is better)".into(),
+        y_label: "microseconds".into(),
+        groups: Vec::new(),
+    };
+    let mut worst: Option<(f64, String)> = None;
+    for name in &chosen {
+        let mut quiet = None;
+        let mut bars = Vec::new();
+        for &talkers in &opts.talkers {
+            progress(&format!("{name}, {talkers} talkers"));
+            let (us, calls) = measure(name, opts, talkers)?;
+            let base = *quiet.get_or_insert(us);
+            let ratio = us / base;
+            if talkers == 2 && worst.as_ref().is_none_or(|w| ratio > w.0) {
+                worst = Some((ratio, name.clone()));
+            }
+            rep.rows.push(vec![
+                name.clone(),
+                talkers.to_string(),
+                format!("{us:.1}"),
+                format!("{ratio:.2}"),
+                calls.to_string(),
+            ]);
+            rep.json.push(serde_json::json!({
+                "bench": "contention",
+                "system": name,
+                "talkers": talkers,
+                "dispatch_us_median": us,
+                "ratio_vs_quiet": ratio,
+                "talker_calls": calls,
+                "pipes": opts.pipes,
+                "active": opts.active,
+                "writes": opts.writes,
+                "rounds": opts.rounds,
+            }));
+            bars.push((format!("{talkers} talkers"), us));
+        }
+        chart.groups.push((name.clone(), bars));
+    }
+    if let Some((ratio, name)) = worst {
+        rep.targets.push(Target {
+            what: "dispatch with 2 threads talking <= 1.10x quiet".into(),
+            measured: format!("worst {ratio:.2}x ({name})"),
+            met: ratio <= 1.10,
+        });
+    }
+    rep.charts.push(chart);
+    Ok(rep)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn talkers_talk_and_every_round_completes() {
+        let opts = ContentionOptions {
+            pipes: 20,
+            active: 5,
+            writes: 50,
+            rounds: 2,
+            talkers: vec![1],
+            systems: vec!["vireo-poll".into()],
+        };
+        let (us, calls) = measure("vireo-poll", &opts, 1).unwrap();
+        assert!(us > 0.0);
+        assert!(calls > 0, "the talker made no call");
+        assert!(measure("raw-epoll", &opts, 0).is_err());
+    }
+}
