@@ -35,6 +35,7 @@ fn connections_announcing_the_largest_frame_commit_almost_no_memory() {
             server.assert_serves();
         }
         let grown = rss().saturating_sub(before);
+        eprintln!("{kind}: RSS grew by {} KiB", grown >> 10);
         // Announced: 64 x 16 MiB = 1 GiB. Arrived: 64 x 5 bytes, in buffers of 4 KiB.
         assert!(
             grown < 32 << 20,
