@@ -62,6 +62,9 @@ pub enum Op {
     /// [`Backend::wait`]: `EINTR` makes it return at once with nothing (as the contract
     /// allows); any other errno is returned.
     Wait,
+    /// [`Backend::fresh`]: the new instance the loop starts over on cannot be made (`EMFILE`,
+    /// say).
+    Fresh,
 }
 
 /// A call the core made, as recorded by [`Script::calls`].
@@ -75,6 +78,8 @@ pub enum Call {
     Deregister(RawFd),
     /// `wait(timeout)`.
     Wait(Option<Duration>),
+    /// `fresh()`.
+    Fresh,
 }
 
 #[derive(Debug, Default)]
@@ -85,6 +90,8 @@ struct State {
     /// fds whose every register and reregister fails, with the errno.
     broken: HashMap<RawFd, Errno>,
     ready: Vec<(RawFd, Events)>,
+    /// Reports of tokens as such, registered or not (a kernel's stale registration).
+    tokens_ready: Vec<Readiness>,
     wakeups: usize,
     tokens: HashMap<RawFd, Token>,
     calls: Vec<Call>,
@@ -124,6 +131,12 @@ impl Script {
     /// reported for an fd that is not registered: a kernel has nothing to report for it).
     pub fn make_ready(&self, fd: RawFd, events: Events) {
         self.state().ready.push((fd, events));
+    }
+
+    /// The next wait reports `token` with `events`, whatever it is: a registration the kernel
+    /// kept for a file the loop no longer has (the loop then starts over on a fresh instance).
+    pub fn report_token(&self, token: Token, events: Events) {
+        self.state().tokens_ready.push(Readiness { token, events });
     }
 
     /// The next wait returns at once with nothing to report.
@@ -217,6 +230,13 @@ impl Backend for Scripted {
     /// Over a fresh poll instance (or nothing, when detached), following the same script;
     /// the script forgets its fds, which the loop registers again.
     fn fresh(&self) -> io::Result<Self> {
+        {
+            let mut st = self.script.state();
+            st.calls.push(Call::Fresh);
+            if let Some(errno) = Script::fault(&mut st, Op::Fresh) {
+                return Err(errno.into());
+            }
+        }
         let base = match &self.base {
             Some(base) => Some(base.fresh()?),
             None => None,
@@ -284,12 +304,13 @@ impl Backend for Scripted {
                 st.wakeups -= 1;
                 return Ok(());
             }
-            let injected: Vec<Readiness> = std::mem::take(&mut st.ready)
+            let mut injected: Vec<Readiness> = std::mem::take(&mut st.ready)
                 .into_iter()
                 .filter_map(|(fd, events)| {
                     st.tokens.get(&fd).map(|&token| Readiness { token, events })
                 })
                 .collect();
+            injected.append(&mut st.tokens_ready);
             injected
         };
         if let Some(base) = &mut self.base {

@@ -407,3 +407,33 @@ fn a_token_reported_twice_in_one_wait_calls_its_watch_once() {
         "{events:?}"
     );
 }
+
+#[test]
+fn a_rebuild_that_cannot_get_a_new_instance_does_not_fail_the_loop() {
+    let (mut lp, script) = scripted();
+    let log = Recorder::new();
+    let (r, w) = pipe();
+    let id = lp
+        .handle()
+        .add_handle(raw(&r), Events::READABLE, log.draining_watch())
+        .unwrap();
+    run_iterations(&mut lp, 1);
+    // A stale registration reported, and no fresh instance to start over on (out of fds).
+    for _ in 0..3 {
+        script.report_token(vireo_core::Token::UNKNOWN, Events::READABLE);
+        script.fail_next(Op::Fresh, Errno::MFILE);
+        write(&w, b"x");
+        lp.run_once_timeout(Duration::from_secs(5))
+            .expect("a failed rebuild is not the loop's error");
+        assert_eq!(log.take(), vec![Fired::Watch(id, Events::READABLE)]);
+    }
+    assert_eq!(lp.stats().backend_rebuilds, 0);
+    assert_eq!(script.pending_faults(), 0);
+    // Once an instance can be made, the loop starts over and keeps serving.
+    script.report_token(vireo_core::Token::UNKNOWN, Events::READABLE);
+    lp.run_once_timeout(Duration::ZERO).unwrap();
+    assert_eq!(lp.stats().backend_rebuilds, 1);
+    write(&w, b"y");
+    run_until(&mut lp, "READABLE after the rebuild", || !log.is_empty());
+    assert_eq!(log.take(), vec![Fired::Watch(id, Events::READABLE)]);
+}
