@@ -4,8 +4,8 @@
 
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Barrier};
 use std::thread;
 
 use vireo_core::Events;
@@ -61,11 +61,16 @@ fn measure(name: &str, opts: &ContentionOptions, talkers: usize) -> io::Result<(
         .map_err(io::Error::other)?;
     let stop = Arc::new(AtomicBool::new(false));
     let calls = Arc::new(AtomicU64::new(0));
+    // The rounds start once every talker is talking.
+    let talking = Arc::new(Barrier::new(talkers + 1));
     let threads: Vec<_> = (0..talkers)
         .map(|t| {
             let (h, stop, calls) = (handle.clone(), Arc::clone(&stop), Arc::clone(&calls));
+            let talking = Arc::clone(&talking);
             thread::spawn(move || {
-                let mut made = 0u64;
+                let _ = h.invoke(|_| {});
+                let mut made = 1u64;
+                talking.wait();
                 while !stop.load(Relaxed) {
                     // Each talker alternates: an invoke, then a pause/resume of the idle watch.
                     if made % 2 == 0 {
@@ -84,6 +89,7 @@ fn measure(name: &str, opts: &ContentionOptions, talkers: usize) -> io::Result<(
             })
         })
         .collect();
+    talking.wait();
     let mut dispatch = Vec::new();
     let mut result = Ok(());
     for r in 0..=opts.rounds {

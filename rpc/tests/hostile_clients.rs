@@ -140,16 +140,16 @@ fn read_reply(s: &mut UnixStream) -> Frame {
 fn a_throttled_client_that_answers_pings_gets_every_reply() {
     for kind in backends() {
         let server = TestServer::start(kind, |c| {
-            c.keepalive_interval = Some(Duration::from_millis(50));
-            c.keepalive_count = 2;
+            c.keepalive_interval = Some(Duration::from_millis(100));
+            c.keepalive_count = 3;
             c.max_client_requests = 2;
         });
         let mut s = server.raw();
-        // Four calls of 400 ms each, two at a time: the client is throttled for ~800 ms, far
-        // longer than keepalive's 150 ms.
+        // Four calls of 600 ms each, two at a time: the client is throttled for ~1.2 s, far
+        // longer than keepalive's 400 ms (3 unanswered pings, 100 ms apart).
         for serial in 1..=4 {
             let call = Header::call(Procedure::Sleep as u32, serial);
-            send(&mut s, &proto::encode_frame(&call, &400u32.to_be_bytes()));
+            send(&mut s, &proto::encode_frame(&call, &600u32.to_be_bytes()));
         }
         let mut replies = Replies::new();
         let mut serials: Vec<u32> = (0..4)
