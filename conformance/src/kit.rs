@@ -29,6 +29,17 @@ pub fn pipe() -> (OwnedFd, OwnedFd) {
     rustix::pipe::pipe_with(PipeFlags::NONBLOCK | PipeFlags::CLOEXEC).expect("pipe")
 }
 
+/// A regular file opened read-only (this test's own executable): a file that cannot be polled.
+#[track_caller]
+pub fn regular_file() -> OwnedFd {
+    rustix::fs::open(
+        std::env::current_exe().expect("the test executable's path"),
+        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .expect("open the test executable")
+}
+
 /// A non-blocking, close-on-exec AF_UNIX stream socketpair.
 #[track_caller]
 pub fn socketpair() -> (OwnedFd, OwnedFd) {

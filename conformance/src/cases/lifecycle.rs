@@ -257,12 +257,7 @@ pub fn removed_fd_reused_by_an_unpollable_file_is_no_error<B: Backend>() {
 /// Regular files are always ready for the whole interest, on every backend.
 pub fn regular_file_always_ready<B: Backend>() {
     let mut lp = new_loop::<B>();
-    let file = rustix::fs::open(
-        std::env::current_exe().unwrap(),
-        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
-        rustix::fs::Mode::empty(),
-    )
-    .unwrap();
+    let file = regular_file();
     let log = Recorder::new();
     let rw = lp
         .handle()
@@ -400,12 +395,7 @@ pub fn eventfd_replaced_on_the_same_number_is_a_new_registration<B: Backend>() {
 /// close instead of reporting it, with a zero timeout, forever.
 pub fn closed_regular_file_while_registered_is_silent<B: Backend>() {
     let mut lp = new_loop::<B>();
-    let file = rustix::fs::open(
-        std::env::current_exe().unwrap(),
-        rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::CLOEXEC,
-        rustix::fs::Mode::empty(),
-    )
-    .unwrap();
+    let file = regular_file();
     let log = Recorder::new();
     let id = lp
         .handle()
