@@ -7,7 +7,9 @@
 //! timeout rounded *up* to whole milliseconds, so a timer is never woken early.
 //!
 //! epoll refuses files that cannot be polled (regular files, directories, `/dev/null`) with
-//! `EPERM`; poll(2) reports them as always ready, and so does this backend.
+//! `EPERM`; poll(2) reports them as always ready, and so does this backend, while the fd still
+//! names the file it named at registration (one `fstat` per such fd per wait; closed or
+//! replaced, it goes silent).
 
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};

@@ -9,7 +9,8 @@
 //! or an error is re-read with one zero-timeout poll(2) of that fd to tell `READABLE|HANGUP`
 //! (data or EOF to read) from `HANGUP` alone, exactly as the other backends report it. The
 //! common path (plain readiness) costs nothing extra. Files the kernel refuses to watch
-//! (regular files under epoll) are always ready, as under poll(2).
+//! (regular files under epoll) are always ready, as under poll(2), while the fd still names the
+//! file it named at registration.
 
 use std::collections::HashMap;
 use std::io;

@@ -2,9 +2,10 @@
 //!
 //! [`Scripted`] runs over poll(2) (or over nothing at all, [`Scripted::detached`]) and takes
 //! orders from a [`Script`] shared with the test: fail the next `register`, `reregister`,
-//! `deregister` or `wait` with a chosen errno, report an fd ready whether or not it is, return
-//! from the next wait at once with nothing, move the loop's clock forward
-//! ([`Script::advance`]). Every call the core makes is recorded. With an empty
+//! `deregister`, `wait` or `fresh` with a chosen errno, fail every registration of one fd
+//! ([`Script::break_fd`]), report an fd ready whether or not it is, report a stale token
+//! ([`Script::report_token`]), return from the next wait at once with nothing, move the loop's
+//! clock forward ([`Script::advance`]). Every call the core makes is recorded. With an empty
 //! script it behaves exactly like the poll backend, and the conformance suite runs on it.
 //!
 //! Use it to check that a program's callbacks cope with what a kernel may do (a spurious

@@ -18,7 +18,7 @@ use crate::report::{Chart, Report, Target, median};
 pub struct ContentionOptions {
     /// Socketpairs.
     pub pipes: usize,
-    /// First writes and chained writes per round.
+    /// First writes per round (the active pairs).
     pub active: usize,
     /// Chained writes per round.
     pub writes: usize,

@@ -147,8 +147,10 @@ pub struct ServerConfig {
     /// least `max_message_size`). A client whose frame is longer than [`UNBUDGETED_INPUT`]
     /// reserves the rest of that frame from this budget before reading past it; when the
     /// budget has no room, reading from that client pauses until other large frames complete
-    /// or their clients leave. Its data waits in its socket, nothing is dropped, a frame that
-    /// got its reservation always completes, and clients sending smaller frames are never held
+    /// or their clients leave. Its data waits in its socket and nothing is dropped; a frame
+    /// that got its reservation is read to its end without pausing again, as fast as its peer
+    /// sends it (a peer that stops sending mid-frame cannot answer a ping, so keepalive, when on,
+    /// closes it and its reservation returns); clients sending smaller frames are never held
     /// up. Memory follows the bytes that arrived, not the reservations.
     pub max_buffered_input: usize,
 }

@@ -369,7 +369,6 @@ fn contention(mut args: ContentionArgs) -> anyhow::Result<()> {
     if args.pipes == 0 || args.active == 0 || args.rounds == 0 || args.talkers.is_empty() {
         bail!("--pipes, --active and --rounds must be at least 1, --talkers not empty");
     }
-    let bar = progress_bar(args.out.json);
     let opts = vireo_benches::contention::ContentionOptions {
         pipes: args.pipes,
         active: args.active,
@@ -378,9 +377,9 @@ fn contention(mut args: ContentionArgs) -> anyhow::Result<()> {
         talkers: args.talkers,
         systems: args.systems,
     };
-    let report = vireo_benches::contention::report(&opts, |m| bar.set_message(m.to_owned()))?;
-    bar.finish_and_clear();
-    emit(&report, &args.out)
+    run_bench(&args.out, |progress| {
+        vireo_benches::contention::report(&opts, progress)
+    })
 }
 
 #[derive(Debug, Args)]
@@ -409,15 +408,14 @@ fn dispatch(mut args: DispatchArgs) -> anyhow::Result<()> {
     if args.ready.is_empty() || args.ready.contains(&0) || args.reports == 0 || args.runs == 0 {
         bail!("--ready must all be at least 1, --reports and --runs at least 1");
     }
-    let bar = progress_bar(args.out.json);
     let opts = vireo_benches::dispatch::DispatchOptions {
         ready: args.ready,
         reports: args.reports,
         runs: args.runs,
     };
-    let report = vireo_benches::dispatch::report(&opts, |m| bar.set_message(m.to_owned()))?;
-    bar.finish_and_clear();
-    emit(&report, &args.out)
+    run_bench(&args.out, |progress| {
+        vireo_benches::dispatch::report(&opts, progress)
+    })
 }
 
 #[derive(Debug, Args)]
@@ -446,15 +444,14 @@ fn wake(mut args: WakeArgs) -> anyhow::Result<()> {
     if args.samples == 0 || args.messages == 0 {
         bail!("--samples and --messages must be at least 1");
     }
-    let bar = progress_bar(args.out.json);
     let opts = vireo_benches::wake::WakeOptions {
         samples: args.samples,
         messages: args.messages,
         systems: args.systems,
     };
-    let report = vireo_benches::wake::report(&opts, |m| bar.set_message(m.to_owned()))?;
-    bar.finish_and_clear();
-    emit(&report, &args.out)
+    run_bench(&args.out, |progress| {
+        vireo_benches::wake::report(&opts, progress)
+    })
 }
 
 #[derive(Debug, Args)]
@@ -487,16 +484,15 @@ fn timers(mut args: TimersArgs) -> anyhow::Result<()> {
     if !(args.duration > 0.0 && args.duration <= 1e9) || args.add_cancel == 0 {
         bail!("--duration must be positive and --add-cancel at least 1");
     }
-    let bar = progress_bar(args.out.json);
     let opts = vireo_benches::timers::TimersOptions {
         add_cancel: args.add_cancel,
         periodic: args.periodic,
         duration: Duration::from_secs_f64(args.duration),
         systems: args.systems,
     };
-    let report = vireo_benches::timers::report(&opts, |m| bar.set_message(m.to_owned()))?;
-    bar.finish_and_clear();
-    emit(&report, &args.out)
+    run_bench(&args.out, |progress| {
+        vireo_benches::timers::report(&opts, progress)
+    })
 }
 
 /// Output options shared by the subcommands that produce a report.
@@ -544,6 +540,17 @@ fn parse_set(s: &str) -> Result<(usize, usize), String> {
 }
 
 /// A progress bar on stderr (hidden for JSON output or when stderr is not a terminal).
+/// Runs one benchmark behind a progress bar (hidden with `--json`) and emits its report.
+fn run_bench(
+    out: &Output,
+    bench: impl FnOnce(&dyn Fn(&str)) -> std::io::Result<Report>,
+) -> anyhow::Result<()> {
+    let bar = progress_bar(out.json);
+    let report = bench(&|m| bar.set_message(m.to_owned()));
+    bar.finish_and_clear();
+    emit(&report?, out)
+}
+
 fn progress_bar(hidden: bool) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new_spinner();
     if hidden {
@@ -582,16 +589,15 @@ fn pipes(mut args: PipesArgs) -> anyhow::Result<()> {
     if args.rounds == 0 || args.pipes.is_empty() || args.pipes.contains(&0) {
         bail!("--rounds and every --pipes value must be at least 1");
     }
-    let bar = progress_bar(args.out.json);
     let opts = vireo_benches::pipes::PipesOptions {
         pipes: args.pipes,
         sets: args.sets,
         rounds: args.rounds,
         systems: args.systems,
     };
-    let report = vireo_benches::pipes::report(&opts, |m| bar.set_message(m.to_owned()))?;
-    bar.finish_and_clear();
-    emit(&report, &args.out)
+    run_bench(&args.out, |progress| {
+        vireo_benches::pipes::report(&opts, progress)
+    })
 }
 
 #[derive(Debug, Args)]

@@ -178,18 +178,12 @@ pub fn wakeups_only_while_asleep_and_coalesced<B: Backend>() {
     );
 
     // A storm from another thread while the loop is blocked: one wakeup per sleep.
-    let storm_done = Arc::new(AtomicBool::new(false));
-    let ready = Arc::new(Barrier::new(2));
-    let (done, go) = (Arc::clone(&storm_done), Arc::clone(&ready));
     let h2 = h.clone();
-    let stormer = thread::spawn(move || {
-        go.wait();
+    let (stormer, storm_done) = storm(move || {
         for _ in 0..10_000 {
             h2.invoke(|_| {}).unwrap();
         }
-        done.store(true, Ordering::SeqCst);
     });
-    ready.wait();
     let before = lp.stats();
     let mut sleeps = 0u64;
     while !storm_done.load(Ordering::SeqCst) {
@@ -242,6 +236,21 @@ pub fn public_types_are_send_and_sync<B: Backend>() {
     drop(h);
 }
 
+/// Runs `changes` on another thread, started once both threads are ready; the flag is set when
+/// it has finished.
+fn storm(changes: impl FnOnce() + Send + 'static) -> (thread::JoinHandle<()>, Arc<AtomicBool>) {
+    let done = Arc::new(AtomicBool::new(false));
+    let ready = Arc::new(Barrier::new(2));
+    let (finished, go) = (Arc::clone(&done), Arc::clone(&ready));
+    let thread = thread::spawn(move || {
+        go.wait();
+        changes();
+        finished.store(true, Ordering::SeqCst);
+    });
+    ready.wait();
+    (thread, done)
+}
+
 /// A loop that does not block (an every-iteration timer keeps its waits at zero) is not
 /// asleep: changes from another thread cost no eventfd write, and all of them land.
 pub fn no_wake_writes_while_the_loop_never_blocks<B: Backend>() {
@@ -253,12 +262,8 @@ pub fn no_wake_writes_while_the_loop_never_blocks<B: Backend>() {
         .add_handle(raw(&r), Events::empty(), |_, _, _, _| {})
         .unwrap();
     run_iterations(&mut lp, 1);
-    let storm_done = Arc::new(AtomicBool::new(false));
-    let ready = Arc::new(Barrier::new(2));
-    let (done, go) = (Arc::clone(&storm_done), Arc::clone(&ready));
     let h2 = h.clone();
-    let stormer = thread::spawn(move || {
-        go.wait();
+    let (stormer, storm_done) = storm(move || {
         for i in 0..20_000 {
             let events = if i % 2 == 0 {
                 Events::READABLE
@@ -268,9 +273,7 @@ pub fn no_wake_writes_while_the_loop_never_blocks<B: Backend>() {
             h2.update_handle(id, events).unwrap();
         }
         h2.invoke(|_| {}).unwrap();
-        done.store(true, Ordering::SeqCst);
     });
-    ready.wait();
     let before = lp.stats();
     let deadline = Instant::now() + Duration::from_secs(60);
     while !storm_done.load(Ordering::SeqCst) && Instant::now() < deadline {
