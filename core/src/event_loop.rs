@@ -2,17 +2,30 @@
 
 use std::io;
 use std::os::fd::{BorrowedFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, Ordering::SeqCst};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use crate::table::{Due, FileIdent, Garbage, State, TimerFn, WatchFn};
+use crossbeam_channel::{Receiver, Sender};
+
+use crate::table::{Due, FileIdent, Garbage, InvokeFn, REMOVED, State, TimerFn, WatchFn};
 use crate::waker::Waker;
 use crate::{Backend, Clock, Error, Events, Frequency, Readiness, TimerId, Token, WatchId};
 
 struct Shared {
     state: Mutex<State>,
-    /// Signalled when a watch callback returns while a remover from another thread waits.
+    /// Closures from [`LoopHandle::invoke`]: a lock-free queue, so a worker handing a result
+    /// back never contends with the loop for `state`.
+    invokes: Sender<Box<InvokeFn>>,
+    /// The id of the watch whose callback runs now on the loop thread, 0 when none. The loop
+    /// swaps it in (`SeqCst`) before it reads the watch's flags; a remover stores the flags
+    /// (`SeqCst`) before it reads this: one of them sees the other (a Dekker pair).
+    running: AtomicU64,
+    /// Removers from other threads waiting for `running` to change.
+    waiters: AtomicUsize,
+    /// Held by a waiting remover around its check of `running`, and by the loop to notify.
+    wait_lock: Mutex<()>,
+    /// Signalled when `running` changes while a remover waits.
     finished: Condvar,
     waker: Waker,
     quit: AtomicBool,
@@ -31,21 +44,39 @@ impl Shared {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Called from another thread after watch `id` was removed or paused: waits until an
-    /// invocation of it that had already started returns, so that nothing of it runs once
-    /// the caller returns. The loop thread never waits (the invocation is its own caller).
-    fn wait_for_invocation(&self, mut state: MutexGuard<'_, State>, id: WatchId) {
-        if state.running != Some(id) || state.loop_thread == Some(this_thread()) {
+    /// Called after watch `id` was removed or paused, with the lock released: from another
+    /// thread, waits until an invocation of it that had already started returns, so that
+    /// nothing of it runs once the caller returns. The loop thread never waits (the
+    /// invocation is its own caller).
+    fn wait_for_invocation(&self, on_loop_thread: bool, id: WatchId) {
+        if on_loop_thread || self.running.load(SeqCst) != id.0 {
             return;
         }
-        state.waiting_removers += 1;
-        while state.running == Some(id) {
-            state = self
+        let mut guard = self
+            .wait_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.waiters.fetch_add(1, SeqCst);
+        while self.running.load(SeqCst) == id.0 {
+            guard = self
                 .finished
-                .wait(state)
+                .wait(guard)
                 .unwrap_or_else(PoisonError::into_inner);
         }
-        state.waiting_removers -= 1;
+        self.waiters.fetch_sub(1, SeqCst);
+    }
+
+    /// Loop thread: says the watch that was running (if any) has returned and `next` (0 for
+    /// none) runs now, and wakes removers waiting for the one that returned.
+    fn set_running(&self, next: u64) {
+        self.running.swap(next, SeqCst);
+        if self.waiters.load(SeqCst) > 0 {
+            let _guard = self
+                .wait_lock
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            self.finished.notify_all();
+        }
     }
 }
 
@@ -157,8 +188,10 @@ impl LoopHandle {
             if !state.update_watch(id, events) {
                 return Err(Error::UnknownWatch(id));
             }
+            let on_loop_thread = state.loop_thread == Some(this_thread());
+            drop(state);
             if events.is_empty() {
-                self.shared.wait_for_invocation(state, id);
+                self.shared.wait_for_invocation(on_loop_thread, id);
             }
         }
         self.shared.waker.changed();
@@ -189,7 +222,9 @@ impl LoopHandle {
             if !state.remove_watch(id) {
                 return Err(Error::UnknownWatch(id));
             }
-            self.shared.wait_for_invocation(state, id);
+            let on_loop_thread = state.loop_thread == Some(this_thread());
+            drop(state);
+            self.shared.wait_for_invocation(on_loop_thread, id);
         }
         self.shared.waker.changed();
         Ok(())
@@ -283,14 +318,9 @@ impl LoopHandle {
     where
         F: FnOnce(&LoopHandle) + Send + 'static,
     {
-        {
-            let mut state = self.shared.lock();
-            if state.closed {
-                drop(state);
-                drop(f);
-                return Err(Error::Closed);
-            }
-            state.invokes.push_back(Box::new(f));
+        // Fails once the loop dropped its receiver; the closure comes back and is dropped here.
+        if self.shared.invokes.send(Box::new(f)).is_err() {
+            return Err(Error::Closed);
         }
         self.shared.waker.changed();
         Ok(())
@@ -322,13 +352,28 @@ pub struct LoopStats {
     pub backend_rebuilds: u64,
 }
 
-/// Holds the watch callbacks taken out of the table during one dispatch pass and returns them
-/// all under one lock when the pass ends, also when a callback panics, so every watch stays
-/// usable. (Removed entries stay in the table until the next purge, so nothing is dropped
-/// under the lock here.)
+/// A watch taken out of the table for one dispatch pass.
+struct Taken {
+    id: WatchId,
+    fd: RawFd,
+    ready: Events,
+    /// The watch's [`Watch::flags`](crate::table::Watch), borrowed for the pass.
+    flags: *const std::sync::atomic::AtomicU32,
+    cb: Box<WatchFn>,
+}
+
+// SAFETY: `flags` is only dereferenced during the pass that created it, on the thread that
+// runs the pass; between passes the list of `Taken` is empty, so moving the loop to another
+// thread moves no live pointer. The callback is `Send` itself.
+unsafe impl Send for Taken {}
+
+/// Holds the watch callbacks taken out of the table for one dispatch pass (under one lock)
+/// and returns them all under one lock when the pass ends, also when a callback panics, so
+/// every watch stays usable. (Removed entries stay in the table until the next purge, so
+/// nothing is dropped under the lock here.)
 struct RunningWatches<'a> {
     shared: &'a Shared,
-    taken: &'a mut Vec<(WatchId, Box<WatchFn>)>,
+    taken: &'a mut Vec<Taken>,
 }
 
 impl Drop for RunningWatches<'_> {
@@ -336,15 +381,13 @@ impl Drop for RunningWatches<'_> {
         if self.taken.is_empty() {
             return;
         }
+        // The last callback has returned.
+        self.shared.set_running(0);
         let mut state = self.shared.lock();
-        for (id, cb) in self.taken.drain(..) {
-            if let Some(w) = state.watches.get_mut(&id) {
-                w.cb = Some(cb);
+        for t in self.taken.drain(..) {
+            if let Some(w) = state.watches.get_mut(&t.id) {
+                w.cb = Some(t.cb);
             }
-        }
-        state.running = None;
-        if state.waiting_removers > 0 {
-            self.shared.finished.notify_all();
         }
     }
 }
@@ -395,7 +438,9 @@ pub struct EventLoop<B: Backend> {
     ready: Vec<Readiness>,
     candidates: Vec<(WatchId, Events)>,
     /// Callbacks out of the table during the dispatch pass (kept for its capacity).
-    taken: Vec<(WatchId, Box<WatchFn>)>,
+    taken: Vec<Taken>,
+    /// The other end of [`Shared::invokes`].
+    invokes: Receiver<Box<InvokeFn>>,
     due: Vec<Due>,
     /// Index into `due` of the next timer to dispatch; `due[due_next..]` survive a panic.
     due_next: usize,
@@ -432,11 +477,16 @@ impl<B: Backend> EventLoop<B> {
         let waker = Waker::new()?;
         backend.register(waker.raw_fd(), Token::WAKER, Events::READABLE)?;
         let clock = backend.clock();
+        let (invokes_tx, invokes) = crossbeam_channel::unbounded();
         Ok(EventLoop {
             backend,
             handle: LoopHandle {
                 shared: Arc::new(Shared {
                     state: Mutex::new(State::default()),
+                    invokes: invokes_tx,
+                    running: AtomicU64::new(0),
+                    waiters: AtomicUsize::new(0),
+                    wait_lock: Mutex::new(()),
                     finished: Condvar::new(),
                     waker,
                     quit: AtomicBool::new(false),
@@ -446,6 +496,7 @@ impl<B: Backend> EventLoop<B> {
             ready: Vec::with_capacity(256),
             candidates: Vec::with_capacity(256),
             taken: Vec::with_capacity(256),
+            invokes,
             due: Vec::new(),
             due_next: 0,
             iterations: 0,
@@ -585,6 +636,13 @@ impl<B: Backend> EventLoop<B> {
             }
             (timeout, shared.waker.seq())
         };
+        // Checked after `seen` was read: a closure queued later bumps the sequence, so the
+        // wait below either sees the bump or is woken by the eventfd.
+        let timeout = if self.invokes.is_empty() {
+            timeout
+        } else {
+            Some(Duration::ZERO)
+        };
         let timeout = match (timeout, max_wait) {
             (Some(t), Some(m)) => Some(t.min(m)),
             (t, m) => t.or(m),
@@ -658,51 +716,63 @@ impl<B: Backend> EventLoop<B> {
             drop(running);
         }
 
-        // One lock per watch to take its callback (and see at once whether it was removed or
-        // paused meanwhile); the callbacks go back in one batch when the pass ends.
+        // One lock to take every candidate's callback out of the table; whether a watch was
+        // removed or paused since is read from its flags, without the lock, just before it
+        // runs. The callbacks go back in one batch when the pass ends.
+        {
+            let mut state = shared.lock();
+            for &(id, ready) in &self.candidates {
+                if let Some(w) = state.watches.get_mut(&id) {
+                    if w.removed {
+                        continue;
+                    }
+                    if let Some(cb) = w.cb.take() {
+                        self.taken.push(Taken {
+                            id,
+                            fd: w.fd,
+                            ready,
+                            flags: Arc::as_ptr(&w.flags),
+                            cb,
+                        });
+                    }
+                }
+            }
+        }
         let running = RunningWatches {
             shared: &shared,
             taken: &mut self.taken,
         };
-        for &(id, ready) in &self.candidates {
-            let taken = {
-                let mut state = shared.lock();
-                // The previous callback has returned: a remover waiting for it may go on.
-                let notify = state.running.is_some() && state.waiting_removers > 0;
-                state.running = None;
-                let taken = match state.watches.get_mut(&id) {
-                    Some(w) if !w.removed && !w.events.is_empty() => {
-                        let deliver = ready & (w.events | Events::ALWAYS);
-                        if deliver.is_empty() {
-                            None
-                        } else {
-                            w.cb.take().map(|cb| (cb, w.fd, deliver))
-                        }
-                    }
-                    _ => None,
-                };
-                if taken.is_some() {
-                    state.running = Some(id);
-                }
-                if notify {
-                    shared.finished.notify_all();
-                }
-                taken
-            };
-            let Some((cb, fd, deliver)) = taken else {
+        for t in running.taken.iter_mut() {
+            // The previous callback has returned; this one may start (a remover from another
+            // thread either sees it running or this load sees the removal).
+            shared.set_running(t.id.0);
+            // SAFETY: the pointer came from the watch's `Arc`, which stays in the table (and
+            // is never replaced) until a purge; purges run on this thread only, before and
+            // after the pass, never inside it (callbacks reach the table only through the
+            // handle, which never purges), and `clear` needs the loop itself.
+            let flags = unsafe { (*t.flags).load(SeqCst) };
+            if flags & REMOVED != 0 {
                 continue;
-            };
+            }
+            let events = Events::from_bits_truncate(flags);
+            if events.is_empty() {
+                continue;
+            }
+            let deliver = t.ready & (events | Events::ALWAYS);
+            if deliver.is_empty() {
+                continue;
+            }
             count += 1;
             self.dispatched += 1;
-            running.taken.push((id, cb));
-            let (_, cb) = running.taken.last_mut().expect("just pushed");
-            cb(&self.handle, id, fd, deliver);
+            (t.cb)(&self.handle, t.id, t.fd, deliver);
         }
         drop(running);
 
-        let queued = shared.lock().invokes.len();
+        // Closures queued before this phase began run in it; those they queue wait for the
+        // next iteration.
+        let queued = self.invokes.len();
         for _ in 0..queued {
-            let Some(f) = shared.lock().invokes.pop_front() else {
+            let Ok(f) = self.invokes.try_recv() else {
                 break;
             };
             count += 1;
@@ -725,5 +795,10 @@ impl<B: Backend> Drop for EventLoop<B> {
         let mut garbage = Garbage::default();
         self.handle.shared.lock().clear(&mut garbage);
         drop(garbage);
+        // Queued closures are dropped without running, here; any queued after this are
+        // dropped with the receiver, still on this thread.
+        while let Ok(f) = self.invokes.try_recv() {
+            drop(f);
+        }
     }
 }

@@ -3,10 +3,12 @@
 //! Everything here runs under the state mutex and never calls user code.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeSet, BinaryHeap, HashMap};
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
 use std::os::fd::RawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
 use std::time::{Duration, Instant};
 
 use slab::Slab;
@@ -59,9 +61,15 @@ pub(crate) struct Watch {
     detached: bool,
     pub(crate) events: Events,
     pub(crate) removed: bool,
+    /// `events` and `removed` for the dispatch pass, which reads them without the lock:
+    /// written under the lock by every change, read with one atomic load per dispatch.
+    pub(crate) flags: Arc<AtomicU32>,
     /// `None` only while the callback runs.
     pub(crate) cb: Option<Box<WatchFn>>,
 }
+
+/// The bit of [`Watch::flags`] that says the watch was removed (the low bits are its events).
+pub(crate) const REMOVED: u32 = 1 << 31;
 
 /// One kernel registration, shared by every watch on the same fd number.
 struct FdEntry {
@@ -98,7 +106,6 @@ pub(crate) struct Due {
 pub(crate) struct Garbage {
     watches: Vec<Box<WatchFn>>,
     timers: Vec<Box<TimerFn>>,
-    invokes: Vec<Box<InvokeFn>>,
 }
 
 #[derive(Default)]
@@ -114,26 +121,16 @@ pub(crate) struct State {
     pub(crate) timers: IntMap<TimerId, Timer>,
     heap: BinaryHeap<Reverse<(Instant, TimerId, u64)>>,
     every: BTreeSet<TimerId>,
-    pub(crate) invokes: VecDeque<Box<InvokeFn>>,
     removed_watches: Vec<WatchId>,
     removed_timers: Vec<TimerId>,
     pub(crate) kernel_changes: u64,
-    /// The watch whose callback runs now on the loop thread, if any.
-    pub(crate) running: Option<WatchId>,
     /// The thread running the loop's current iteration.
     pub(crate) loop_thread: Option<std::thread::ThreadId>,
-    /// Threads waiting in `remove_handle` or `update_handle` for `running` to finish.
-    pub(crate) waiting_removers: usize,
     /// Tokens of the fds whose interest change the backend refused since the last dispatch:
     /// their watches get `ERROR` in the next one, and the change is retried in the next
     /// iteration.
     pub(crate) failed: Vec<Token>,
 }
-
-/// Room the invoke queue keeps once it has been drained after a storm (one that grew it past
-/// 16 times this; a smaller backlog keeps its room, or a busy loop would reallocate the queue
-/// on every iteration).
-const INVOKES_KEPT: usize = 1024;
 
 /// The first deadline after `now` on the grid `deadline + k * period` (k >= 1): the periods
 /// missed while the loop was busy coalesce into the firing that is running, and the grid
@@ -245,6 +242,7 @@ impl State {
                 detached: false,
                 events,
                 removed: false,
+                flags: Arc::new(AtomicU32::new(events.bits())),
                 cb: Some(cb),
             },
         );
@@ -258,6 +256,7 @@ impl State {
         };
         if watch.events != events {
             watch.events = events;
+            watch.flags.store(events.bits(), SeqCst);
             if !watch.detached {
                 let slot = watch.fd_slot;
                 self.mark_dirty(slot);
@@ -272,6 +271,7 @@ impl State {
             return false;
         };
         watch.removed = true;
+        watch.flags.store(REMOVED, SeqCst);
         if !watch.detached {
             let slot = watch.fd_slot;
             self.fds[slot].watches.retain(|w| *w != id);
@@ -379,11 +379,6 @@ impl State {
                 garbage.timers.extend(timer.cb);
             }
         }
-        if self.invokes.is_empty() && self.invokes.capacity() > 16 * INVOKES_KEPT {
-            // A storm of invokes grew the queue; keep a little for the next burst and give
-            // the rest back (1M queued closures would otherwise pin 16 MiB for good).
-            self.invokes.shrink_to(INVOKES_KEPT);
-        }
         if self.timers.is_empty() && self.timers.capacity() > 0 {
             // Removals leave tombstones that later inserts would pay for with a rehash into a
             // new allocation; an empty table can drop them all at once, keeping its memory.
@@ -400,7 +395,6 @@ impl State {
         garbage
             .timers
             .extend(self.timers.drain().filter_map(|(_, t)| t.cb));
-        garbage.invokes.extend(self.invokes.drain(..));
         self.fds.clear();
         self.fd_index.clear();
         self.dirty.clear();
@@ -499,10 +493,10 @@ impl State {
     }
 
     /// The timeout until the earliest periodic deadline; `Some(ZERO)` when an every-iteration
-    /// timer exists, closures are queued or a failed registration has an `ERROR` to deliver;
+    /// timer exists or a failed registration has an `ERROR` to deliver;
     /// `None` when nothing is scheduled.
     pub(crate) fn timeout(&mut self, now: Instant) -> Option<Duration> {
-        if !self.every.is_empty() || !self.invokes.is_empty() || !self.failed.is_empty() {
+        if !self.every.is_empty() || !self.failed.is_empty() {
             return Some(Duration::ZERO);
         }
         while let Some(Reverse((deadline, id, generation))) = self.heap.peek() {
@@ -602,21 +596,6 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_drained_invoke_queue_gives_its_memory_back() {
-        let mut state = State::default();
-        for _ in 0..1_000_000 {
-            state.invokes.push_back(Box::new(|_: &LoopHandle| {}));
-        }
-        state.invokes.clear();
-        state.purge(&mut Garbage::default());
-        assert!(
-            state.invokes.capacity() <= INVOKES_KEPT,
-            "{}",
-            state.invokes.capacity()
-        );
-    }
 
     #[test]
     fn the_grid_is_exact_beyond_two_to_the_32_missed_periods() {
