@@ -795,10 +795,8 @@ impl<B: Backend> Drop for EventLoop<B> {
         let mut garbage = Garbage::default();
         self.handle.shared.lock().clear(&mut garbage);
         drop(garbage);
-        // Queued closures are dropped without running, here; any queued after this are
-        // dropped with the receiver, still on this thread.
-        while let Ok(f) = self.invokes.try_recv() {
-            drop(f);
-        }
+        // Queued closures are dropped without running when the `invokes` receiver drops,
+        // right after this, still on this thread; the channel is closed first, so one whose
+        // drop calls `invoke` gets `Error::Closed` instead of queueing forever.
     }
 }
