@@ -283,12 +283,16 @@ fn a_detached_loop_runs_timers_on_virtual_time_in_order() {
         .handle()
         .add_timeout(Frequency::Period(Duration::from_secs(30)), log.timer())
         .unwrap();
+    // The script's clock is the monotonic clock plus every advance, so a fast timer added a few
+    // nanoseconds after the slow one could fall due in the same iteration as the slow one on a
+    // loaded machine. One virtual second between the two adds keeps the deadlines apart.
+    script.advance(Duration::from_secs(1));
     let fast = lp
         .handle()
         .add_timeout(Frequency::Period(Duration::from_secs(10)), log.timer())
         .unwrap();
-    // Each run_once sleeps until the next deadline, on the script's clock: 10 s, 20 s, then
-    // 30 s twice (the slow timer was added first, so its deadline is the earlier one).
+    // Each run_once sleeps until the next deadline, on the script's clock: 11 s, 21 s, 30 s
+    // (the slow timer) and 31 s.
     for _ in 0..4 {
         lp.run_once().unwrap();
     }
@@ -303,7 +307,7 @@ fn a_detached_loop_runs_timers_on_virtual_time_in_order() {
     );
     let virtual_elapsed = script.now() - t0;
     assert!(
-        virtual_elapsed >= Duration::from_secs(30),
+        virtual_elapsed >= Duration::from_secs(31),
         "{virtual_elapsed:?}"
     );
     assert!(
