@@ -28,7 +28,7 @@ pub mod kit;
 /// One conformance case, instantiated for one backend.
 #[derive(Debug, Clone, Copy)]
 pub struct Case {
-    /// The group (module of [`cases`]): `handles`, `lifecycle`, `threads`, `timers`.
+    /// The group (module of [`cases`]): `handles`, `lifecycle`, `local`, `threads`, `timers`.
     pub group: &'static str,
     /// The case's name, unique across groups.
     pub name: &'static str,
@@ -205,6 +205,11 @@ macro_rules! __conformance_cases {
             threads::remove_from_other_thread_waits_for_a_running_callback,
             threads::loop_created_on_one_thread_runs_on_another,
             threads::public_types_are_send_and_sync,
+            local::local_state_is_shared_by_every_kind_of_callback,
+            local::local_state_is_refused_off_the_loop_thread,
+            local::nested_access_is_borrowed_and_a_panic_releases_it,
+            local::local_state_of_another_loop_is_refused,
+            local::local_state_moves_with_the_loop_and_drops_once,
         ] }
     };
 }

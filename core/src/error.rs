@@ -19,6 +19,12 @@ pub enum Error {
     UnknownTimer(TimerId),
     /// The [`EventLoop`](crate::EventLoop) this handle belongs to has been dropped.
     Closed,
+    /// A [`LoopLocal`](crate::LoopLocal) was reached from outside an iteration of its loop on
+    /// the loop thread (another thread, no iteration running, or another loop's
+    /// [`with_local`](crate::EventLoop::with_local)).
+    NotLoopThread,
+    /// A [`LoopLocal`](crate::LoopLocal) was reached from inside a `with` of the same value.
+    Borrowed,
 }
 
 impl fmt::Display for Error {
@@ -28,6 +34,10 @@ impl fmt::Display for Error {
             Error::UnknownWatch(id) => write!(f, "{id} is not registered"),
             Error::UnknownTimer(id) => write!(f, "{id} is not registered"),
             Error::Closed => f.write_str("the event loop has been dropped"),
+            Error::NotLoopThread => {
+                f.write_str("loop-local state reached outside an iteration of its loop")
+            }
+            Error::Borrowed => f.write_str("loop-local state is already borrowed"),
         }
     }
 }
@@ -55,6 +65,7 @@ impl From<Error> for io::Error {
                 io::Error::new(io::ErrorKind::NotFound, e)
             }
             Error::Closed => io::Error::new(io::ErrorKind::BrokenPipe, e),
+            Error::NotLoopThread | Error::Borrowed => io::Error::other(e),
         }
     }
 }

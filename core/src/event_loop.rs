@@ -8,12 +8,17 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
+use crate::local::{LoopLocal, thread_mark};
 use crate::table::{Due, FileIdent, Garbage, InvokeFn, REMOVED, State, TimerFn, WatchFn};
 use crate::waker::Waker;
 use crate::{Backend, Clock, Error, Events, Frequency, Readiness, TimerId, Token, WatchId};
 
-struct Shared {
+pub(crate) struct Shared {
     state: Mutex<State>,
+    /// [`thread_mark`] of the thread inside an iteration of this loop (or inside the loop's
+    /// drop, or inside [`EventLoop::with_local`]), 0 when none. Only that thread stores it,
+    /// so a thread that reads its own mark here is that thread.
+    runner: AtomicU64,
     /// Closures from [`LoopHandle::invoke`]: a lock-free queue, so a worker handing a result
     /// back never contends with the loop for `state`.
     invokes: Sender<Box<InvokeFn>>,
@@ -34,6 +39,11 @@ struct Shared {
 }
 
 impl Shared {
+    /// Whether the calling thread is inside an iteration of this loop.
+    pub(crate) fn runs_on_this_thread(&self) -> bool {
+        self.runner.load(Ordering::Acquire) == thread_mark()
+    }
+
     fn now(&self) -> Instant {
         self.clock.as_ref().map_or_else(Instant::now, Clock::now)
     }
@@ -80,13 +90,21 @@ impl Shared {
     }
 }
 
-/// The calling thread's id, read from a thread-local (`thread::current()` would clone an
-/// `Arc` on every iteration).
-fn this_thread() -> std::thread::ThreadId {
-    thread_local! {
-        static ID: std::thread::ThreadId = std::thread::current().id();
+/// Marks the calling thread as the loop's runner until dropped (also when a callback
+/// unwinds).
+struct Runner<'a>(&'a Shared);
+
+impl<'a> Runner<'a> {
+    fn enter(shared: &'a Shared) -> Self {
+        shared.runner.store(thread_mark(), Ordering::Release);
+        Runner(shared)
     }
-    ID.with(|id| *id)
+}
+
+impl Drop for Runner<'_> {
+    fn drop(&mut self) {
+        self.0.runner.store(0, Ordering::Release);
+    }
 }
 
 /// A cheap, cloneable, thread-safe handle to an [`EventLoop`]: libvirt's event API.
@@ -188,8 +206,8 @@ impl LoopHandle {
             if !state.update_watch(id, events) {
                 return Err(Error::UnknownWatch(id));
             }
-            let on_loop_thread = state.loop_thread == Some(this_thread());
             drop(state);
+            let on_loop_thread = self.shared.runs_on_this_thread();
             if events.is_empty() {
                 self.shared.wait_for_invocation(on_loop_thread, id);
             }
@@ -222,8 +240,8 @@ impl LoopHandle {
             if !state.remove_watch(id) {
                 return Err(Error::UnknownWatch(id));
             }
-            let on_loop_thread = state.loop_thread == Some(this_thread());
             drop(state);
+            let on_loop_thread = self.shared.runs_on_this_thread();
             self.shared.wait_for_invocation(on_loop_thread, id);
         }
         self.shared.waker.changed();
@@ -332,6 +350,13 @@ impl LoopHandle {
     pub fn quit(&self) {
         self.shared.quit.store(true, Ordering::SeqCst);
         self.shared.waker.changed();
+    }
+
+    /// Wraps `value` as state that only this loop's thread reaches, through
+    /// [`LoopLocal::with`] from inside the loop's callbacks, and through
+    /// [`EventLoop::with_local`] between iterations. No lock is ever taken for it.
+    pub fn local<T: Send>(&self, value: T) -> LoopLocal<T> {
+        LoopLocal::new(Arc::clone(&self.shared), value)
     }
 }
 
@@ -483,6 +508,7 @@ impl<B: Backend> EventLoop<B> {
             handle: LoopHandle {
                 shared: Arc::new(Shared {
                     state: Mutex::new(State::default()),
+                    runner: AtomicU64::new(0),
                     invokes: invokes_tx,
                     running: AtomicU64::new(0),
                     waiters: AtomicUsize::new(0),
@@ -535,6 +561,31 @@ impl<B: Backend> EventLoop<B> {
             wake_writes: self.handle.shared.waker.writes(),
             backend_rebuilds: self.rebuilds,
         }
+    }
+
+    /// Calls `f` with the value of `local`, from the thread that owns the loop, between
+    /// iterations (the `&mut self` proves that no iteration runs on any thread). Inside `f`,
+    /// this thread counts as the loop thread: other `LoopLocal`s of this loop are reachable
+    /// too.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NotLoopThread`] when `local` was made by another loop's handle;
+    /// [`Error::Borrowed`] when called from inside a [`LoopLocal::with`] of the same value.
+    ///
+    /// # Panics
+    ///
+    /// Unwinds with `f`'s panic; the value stays usable.
+    pub fn with_local<T: Send, R>(
+        &mut self,
+        local: &LoopLocal<T>,
+        f: impl FnOnce(&mut T) -> R,
+    ) -> Result<R, Error> {
+        if !local.belongs_to(&self.handle.shared) {
+            return Err(Error::NotLoopThread);
+        }
+        let _runner = Runner::enter(&self.handle.shared);
+        local.with(f)
     }
 
     /// Runs one iteration, blocking as long as needed (forever if nothing is registered and no
@@ -618,6 +669,7 @@ impl<B: Backend> EventLoop<B> {
 
     fn iterate(&mut self, max_wait: Option<Duration>) -> io::Result<usize> {
         let shared = Arc::clone(&self.handle.shared);
+        let _runner = Runner::enter(&shared);
         if self.due_next < self.due.len() {
             // A timer callback panicked in the previous iteration.
             shared.lock().restore_due(&self.due[self.due_next..]);
@@ -628,7 +680,6 @@ impl<B: Backend> EventLoop<B> {
 
         let (timeout, seen) = {
             let mut state = shared.lock();
-            state.loop_thread = Some(this_thread());
             state.sync(&mut self.backend)?;
             let mut timeout = state.timeout(shared.now());
             if shared.quit.load(Ordering::SeqCst) {
@@ -793,8 +844,12 @@ impl<B: Backend> EventLoop<B> {
 impl<B: Backend> Drop for EventLoop<B> {
     fn drop(&mut self) {
         let mut garbage = Garbage::default();
-        self.handle.shared.lock().clear(&mut garbage);
+        let shared = Arc::clone(&self.handle.shared);
+        shared.lock().clear(&mut garbage);
+        // The callbacks' state may reach its `LoopLocal`s as it drops, as on the loop thread.
+        let runner = Runner::enter(&shared);
         drop(garbage);
+        drop(runner);
         // Queued closures are dropped without running when the `invokes` receiver drops,
         // right after this, still on this thread; the channel is closed first, so one whose
         // drop calls `invoke` gets `Error::Closed` instead of queueing forever.

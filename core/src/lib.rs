@@ -142,6 +142,7 @@ mod event_loop;
 mod events;
 mod frequency;
 mod id;
+mod local;
 mod table;
 mod waker;
 
@@ -151,3 +152,4 @@ pub use event_loop::{EventLoop, LoopHandle, LoopStats};
 pub use events::Events;
 pub use frequency::Frequency;
 pub use id::{TimerId, Token, WatchId};
+pub use local::{LoopLocal, WeakLoopLocal};

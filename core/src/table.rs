@@ -124,8 +124,6 @@ pub(crate) struct State {
     removed_watches: Vec<WatchId>,
     removed_timers: Vec<TimerId>,
     pub(crate) kernel_changes: u64,
-    /// The thread running the loop's current iteration.
-    pub(crate) loop_thread: Option<std::thread::ThreadId>,
     /// Tokens of the fds whose interest change the backend refused since the last dispatch:
     /// their watches get `ERROR` in the next one, and the change is retried in the next
     /// iteration.

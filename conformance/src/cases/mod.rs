@@ -2,5 +2,6 @@
 
 pub mod handles;
 pub mod lifecycle;
+pub mod local;
 pub mod threads;
 pub mod timers;

@@ -230,6 +230,8 @@ pub fn public_types_are_send_and_sync<B: Backend>() {
     assert_send_sync::<vireo_core::WatchId>();
     assert_send_sync::<vireo_core::TimerId>();
     assert_send_sync::<vireo_core::Events>();
+    assert_send_sync::<vireo_core::LoopLocal<std::cell::Cell<u32>>>();
+    assert_send_sync::<vireo_core::WeakLoopLocal<std::cell::Cell<u32>>>();
     let lp = new_loop::<B>();
     let h: LoopHandle = lp.handle().clone();
     drop(lp);
