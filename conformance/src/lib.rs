@@ -210,6 +210,7 @@ macro_rules! __conformance_cases {
             local::nested_access_is_borrowed_and_a_panic_releases_it,
             local::local_state_of_another_loop_is_refused,
             local::local_state_moves_with_the_loop_and_drops_once,
+            local::cyclic_local_state_hands_itself_to_its_callbacks,
         ] }
     };
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender};
 
-use crate::local::{LoopLocal, thread_mark};
+use crate::local::{LoopLocal, WeakLoopLocal, thread_mark};
 use crate::table::{Due, FileIdent, Garbage, InvokeFn, REMOVED, State, TimerFn, WatchFn};
 use crate::waker::Waker;
 use crate::{Backend, Clock, Error, Events, Frequency, Readiness, TimerId, Token, WatchId};
@@ -357,6 +357,17 @@ impl LoopHandle {
     /// [`EventLoop::with_local`] between iterations. No lock is ever taken for it.
     pub fn local<T: Send>(&self, value: T) -> LoopLocal<T> {
         LoopLocal::new(Arc::clone(&self.shared), value)
+    }
+
+    /// Like [`local`](LoopHandle::local), for a value that refers to itself: `value` gets a
+    /// [`WeakLoopLocal`] to the value being made (which `upgrade`s to `None` until this
+    /// returns), as `Arc::new_cyclic` does. A value that keeps a weak reference to itself
+    /// can hand strong clones to the callbacks it adds, without keeping itself alive.
+    pub fn local_cyclic<T: Send>(
+        &self,
+        value: impl FnOnce(&WeakLoopLocal<T>) -> T,
+    ) -> LoopLocal<T> {
+        LoopLocal::new_cyclic(Arc::clone(&self.shared), value)
     }
 }
 

@@ -185,6 +185,24 @@ impl<T: Send> LoopLocal<T> {
         Ok(f(value))
     }
 
+    pub(crate) fn new_cyclic(
+        shared: Arc<Shared>,
+        value: impl FnOnce(&WeakLoopLocal<T>) -> T,
+    ) -> Self {
+        LoopLocal {
+            inner: Arc::new_cyclic(|weak| {
+                let weak = WeakLoopLocal {
+                    inner: Weak::clone(weak),
+                };
+                Inner {
+                    shared,
+                    borrowed: Cell::new(false),
+                    value: UnsafeCell::new(value(&weak)),
+                }
+            }),
+        }
+    }
+
     /// Whether this value was made by the handle of the loop behind `shared`.
     pub(crate) fn belongs_to(&self, shared: &Arc<Shared>) -> bool {
         Arc::ptr_eq(shared, &self.inner.shared)

@@ -35,12 +35,14 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::SeqCst};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use slab::Slab;
 use vireo_backends::{AnyBackend, Choice};
-use vireo_core::{EventLoop, Events, Frequency, LoopHandle, TimerId, WatchId};
+use vireo_core::{
+    EventLoop, Events, Frequency, LoopHandle, LoopLocal, TimerId, WatchId, WeakLoopLocal,
+};
 use vireo_pool::{LimitsError, Pool, SubmitError};
 
 use crate::net::Stream;
@@ -339,7 +341,8 @@ enum Close {
     Dropped(String),
 }
 
-type Shared = Arc<Mutex<State>>;
+/// The server's state: only the loop thread reaches it (no lock).
+type Shared = LoopLocal<State>;
 
 /// A reply finished by a worker, on its way to the loop thread.
 struct Completion {
@@ -372,12 +375,8 @@ impl Completions {
     }
 }
 
-fn lock(state: &Shared) -> MutexGuard<'_, State> {
-    state.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 struct State {
-    me: std::sync::Weak<Mutex<State>>,
+    me: WeakLoopLocal<State>,
     handle: LoopHandle,
     pool: Arc<Pool>,
     counters: Arc<Counters>,
@@ -469,55 +468,53 @@ impl Server {
             bound.push(listener);
             local.push(addr);
         }
-        let state = Arc::new_cyclic(|me| {
-            Mutex::new(State {
-                me: me.clone(),
+        let state = handle.local_cyclic(|me| State {
+            me: me.clone(),
+            handle: handle.clone(),
+            pool: Arc::clone(&pool),
+            counters: Arc::clone(&counters),
+            ctx: Arc::new(WorkerCtx {
+                state: me.clone(),
                 handle: handle.clone(),
-                pool: Arc::clone(&pool),
+                completions: Completions::default(),
+                pool: Arc::downgrade(&pool),
                 counters: Arc::clone(&counters),
-                ctx: Arc::new(WorkerCtx {
-                    state: me.clone(),
-                    handle: handle.clone(),
-                    completions: Completions::default(),
-                    pool: Arc::downgrade(&pool),
-                    counters: Arc::clone(&counters),
-                    worker_ceiling: config.worker_ceiling,
-                }),
-                config,
-                listeners: Vec::new(),
-                accepting: true,
-                emfile_timer: None,
-                keepalive_timer: None,
-                clients: Slab::new(),
-                next_uid: 1,
-                shutting_down: false,
-                summary: ServerSummary::default(),
-                rx_total: 0,
-                rx_paused: Vec::new(),
-            })
+                worker_ceiling: config.worker_ceiling,
+            }),
+            config,
+            listeners: Vec::new(),
+            accepting: true,
+            emfile_timer: None,
+            keepalive_timer: None,
+            clients: Slab::new(),
+            next_uid: 1,
+            shutting_down: false,
+            summary: ServerSummary::default(),
+            rx_total: 0,
+            rx_paused: Vec::new(),
         });
-        {
-            let mut st = lock(&state);
-            for (index, listener) in bound.into_iter().enumerate() {
-                let weak = Arc::downgrade(&state);
-                let watch =
-                    handle.add_handle(listener.fd(), Events::READABLE, move |h, _, _, _| {
-                        if let Some(state) = weak.upgrade() {
-                            lock(&state).accept_from(h, index);
-                        }
-                    })?;
-                st.listeners.push((listener, watch));
-            }
-            if let Some(interval) = st.config.keepalive_interval {
-                let weak = Arc::downgrade(&state);
-                let period = Frequency::Period(interval.max(Duration::from_millis(1)));
-                st.keepalive_timer = Some(handle.add_timeout(period, move |h, _| {
-                    if let Some(state) = weak.upgrade() {
-                        lock(&state).keepalive(h);
-                    }
-                })?);
-            }
-        }
+        let mut event_loop = event_loop;
+        let strong = state.clone();
+        event_loop
+            .with_local(&state, |st| -> io::Result<()> {
+                for (index, listener) in bound.into_iter().enumerate() {
+                    let state = strong.clone();
+                    let watch =
+                        handle.add_handle(listener.fd(), Events::READABLE, move |h, _, _, _| {
+                            let _ = state.with(|st| st.accept_from(h, index));
+                        })?;
+                    st.listeners.push((listener, watch));
+                }
+                if let Some(interval) = st.config.keepalive_interval {
+                    let state = strong.clone();
+                    let period = Frequency::Period(interval.max(Duration::from_millis(1)));
+                    st.keepalive_timer = Some(handle.add_timeout(period, move |h, _| {
+                        let _ = state.with(|st| st.keepalive(h));
+                    })?);
+                }
+                Ok(())
+            })
+            .map_err(io::Error::from)??;
         for addr in &local {
             tracing::info!(%addr, backend = event_loop.backend_name(), "listening");
         }
@@ -560,24 +557,33 @@ impl Server {
         let mut grace_until: Option<Option<Instant>> = None;
         loop {
             if self.requested.load(SeqCst) {
-                let mut st = lock(&self.state);
-                if !st.shutting_down {
-                    st.begin_shutdown();
-                }
-                if st.quiet() {
+                let stop = self
+                    .event_loop
+                    .with_local(&self.state, |st| {
+                        if !st.shutting_down {
+                            st.begin_shutdown();
+                        }
+                        if st.quiet() {
+                            return true;
+                        }
+                        if st.all_answered() {
+                            // A grace too long for `Instant` is no deadline at all.
+                            let until = *grace_until.get_or_insert(
+                                Instant::now().checked_add(st.config.shutdown_grace),
+                            );
+                            if until.is_some_and(|until| Instant::now() >= until) {
+                                tracing::warn!(
+                                    clients = st.clients.len(),
+                                    "shutdown: clients did not read their replies in time"
+                                );
+                                return true;
+                            }
+                        }
+                        false
+                    })
+                    .map_err(io::Error::from)?;
+                if stop {
                     break;
-                }
-                if st.all_answered() {
-                    // A grace too long for `Instant` is no deadline at all.
-                    let until = *grace_until
-                        .get_or_insert(Instant::now().checked_add(st.config.shutdown_grace));
-                    if until.is_some_and(|until| Instant::now() >= until) {
-                        tracing::warn!(
-                            clients = st.clients.len(),
-                            "shutdown: clients did not read their replies in time"
-                        );
-                        break;
-                    }
                 }
             }
             let timeout = if grace_until.is_some() {
@@ -603,14 +609,16 @@ impl Server {
                 );
             }
         }
-        let summary = {
-            let mut st = lock(&self.state);
-            let keys: Vec<usize> = st.clients.iter().map(|(k, _)| k).collect();
-            for key in keys {
-                st.close(key, Close::Gone("server stopped".into()));
-            }
-            st.summary
-        };
+        let summary = self
+            .event_loop
+            .with_local(&self.state, |st| {
+                let keys: Vec<usize> = st.clients.iter().map(|(k, _)| k).collect();
+                for key in keys {
+                    st.close(key, Close::Gone("server stopped".into()));
+                }
+                st.summary
+            })
+            .map_err(io::Error::from)?;
         self.pool.drain();
         // Run the removals so every callback's state is dropped before the loop goes.
         let _ = self.event_loop.run_once_timeout(Duration::ZERO);
@@ -658,14 +666,15 @@ impl State {
         if self.emfile_timer.is_some() {
             return;
         }
-        let weak = self.me.clone();
+        let Some(state) = self.me.upgrade() else {
+            return;
+        };
         let timer = h.add_timeout(Frequency::Period(self.config.accept_retry), move |h, id| {
             let _ = h.remove_timeout(id);
-            if let Some(state) = weak.upgrade() {
-                let mut st = lock(&state);
+            let _ = state.with(|st| {
                 st.emfile_timer = None;
                 st.check_limits(h);
-            }
+            });
         });
         self.emfile_timer = timer.ok();
     }
@@ -708,11 +717,12 @@ impl State {
         let entry = self.clients.vacant_entry();
         let key = entry.key();
         let uid = self.next_uid;
-        let weak = self.me.clone();
+        let state = self
+            .me
+            .upgrade()
+            .ok_or_else(|| io::Error::other("the server is gone"))?;
         let watch = h.add_handle(stream.fd(), Events::READABLE, move |h, _, _, events| {
-            if let Some(state) = weak.upgrade() {
-                lock(&state).client_ready(h, key, uid, events);
-            }
+            let _ = state.with(|st| st.client_ready(h, key, uid, events));
         })?;
         self.next_uid += 1;
         tracing::debug!(%peer, uid, "client connected");
@@ -954,7 +964,7 @@ impl State {
                 // An error means the loop is gone, and the replies with it.
                 let _ = ctx.handle.invoke(move |h| {
                     if let Some(state) = weak.upgrade() {
-                        lock(&state).drain_completions(h);
+                        let _ = state.with(|st| st.drain_completions(h));
                     }
                 });
             }
@@ -1190,7 +1200,7 @@ fn is_fd_exhaustion(errno: i32) -> bool {
 
 /// What a worker needs besides the frame.
 struct WorkerCtx {
-    state: std::sync::Weak<Mutex<State>>,
+    state: WeakLoopLocal<State>,
     handle: LoopHandle,
     completions: Completions,
     pool: std::sync::Weak<Pool>,

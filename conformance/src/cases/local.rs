@@ -5,7 +5,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
 
-use vireo_core::{Backend, Error, Events, Frequency, LoopLocal};
+use vireo_core::{Backend, Error, Events, Frequency, LoopLocal, WeakLoopLocal};
 
 use crate::kit::*;
 
@@ -181,4 +181,48 @@ pub fn local_state_moves_with_the_loop_and_drops_once<B: Backend + Send + 'stati
     let counter = runner.join().unwrap();
     assert_eq!(probe.drops(), 1);
     assert!(matches!(counter.with(|n| *n), Err(Error::NotLoopThread)));
+}
+
+/// A value made with `local_cyclic` reaches itself through its weak reference (strong clones
+/// for its callbacks) and is dropped once the last strong clone goes, despite the reference.
+pub fn cyclic_local_state_hands_itself_to_its_callbacks<B: Backend>() {
+    struct Node {
+        me: WeakLoopLocal<Node>,
+        fired: u32,
+        _probe: Tracked,
+    }
+    let mut lp = new_loop::<B>();
+    let probe = DropProbe::new();
+    let node = lp.handle().local_cyclic(|me| {
+        assert!(me.upgrade().is_none(), "upgraded before it was made");
+        Node {
+            me: me.clone(),
+            fired: 0,
+            _probe: probe.tracked(),
+        }
+    });
+    let (r, w) = pipe();
+    write(&w, b"x");
+    let fd = raw(&r);
+    // The node adds its own watch, whose callback holds a strong clone from `me`.
+    let h = lp.handle().clone();
+    lp.with_local(&node, |n| {
+        let strong = n.me.upgrade().expect("the node is alive");
+        h.add_handle(fd, Events::READABLE, move |h, id, fd, _| {
+            drain(fd);
+            strong.with(|n| n.fired += 1).unwrap();
+            h.remove_handle(id).unwrap();
+        })
+        .unwrap();
+    })
+    .unwrap();
+    run_iterations(&mut lp, 3);
+    assert_eq!(lp.with_local(&node, |n| n.fired).unwrap(), 1);
+    // The watch removed itself and its callback (holding a strong clone) is gone: the value
+    // lives on in `node` alone, and goes with it.
+    assert_eq!(probe.drops(), 0);
+    let weak = node.downgrade();
+    drop(node);
+    assert_eq!(probe.drops(), 1);
+    assert!(weak.upgrade().is_none());
 }
