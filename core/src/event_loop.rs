@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::local::{LoopLocal, WeakLoopLocal, thread_mark};
-use crate::table::{Due, FileIdent, Garbage, InvokeFn, REMOVED, State, TimerFn, WatchFn};
+use crate::table::{FileIdent, Garbage, InvokeFn, REMOVED, State, TimerFn, WatchFn};
+use crate::timers::Due;
 use crate::waker::Waker;
 use crate::{Backend, Clock, Error, Events, Frequency, Readiness, TimerId, Token, WatchId};
 
@@ -270,7 +271,7 @@ impl LoopHandle {
                 return Err(Error::Closed);
             }
             let now = self.shared.now();
-            state.add_timer(frequency, callback, now)
+            state.timers.add(frequency, callback, now)
         };
         self.shared.waker.changed();
         Ok(id)
@@ -290,7 +291,7 @@ impl LoopHandle {
                 return Err(Error::Closed);
             }
             let now = self.shared.now();
-            if !state.update_timer(id, frequency, now) {
+            if !state.timers.update(id, frequency, now) {
                 return Err(Error::UnknownTimer(id));
             }
         }
@@ -312,7 +313,7 @@ impl LoopHandle {
             if state.closed {
                 return Err(Error::Closed);
             }
-            if !state.remove_timer(id) {
+            if !state.timers.remove(id) {
                 return Err(Error::UnknownTimer(id));
             }
         }
@@ -431,15 +432,14 @@ impl Drop for RunningWatches<'_> {
 /// The same for a timer callback.
 struct RunningTimer<'a> {
     shared: &'a Shared,
-    id: TimerId,
+    due: Due,
     cb: Option<Box<TimerFn>>,
 }
 
 impl Drop for RunningTimer<'_> {
     fn drop(&mut self) {
-        let mut state = self.shared.lock();
-        if let (Some(t), Some(cb)) = (state.timers.get_mut(&self.id), self.cb.take()) {
-            t.cb = Some(cb);
+        if let Some(cb) = self.cb.take() {
+            self.shared.lock().timers.put_back(&self.due, cb);
         }
     }
 }
@@ -683,7 +683,7 @@ impl<B: Backend> EventLoop<B> {
         let _runner = Runner::enter(&shared);
         if self.due_next < self.due.len() {
             // A timer callback panicked in the previous iteration.
-            shared.lock().restore_due(&self.due[self.due_next..]);
+            shared.lock().timers.restore_due(&self.due[self.due_next..]);
         }
         self.due.clear();
         self.due_next = 0;
@@ -756,18 +756,18 @@ impl<B: Backend> EventLoop<B> {
                 false
             }
         });
-        shared.lock().collect_due(now, &mut self.due);
+        shared.lock().timers.collect_due(now, &mut self.due);
 
         let mut count = 0;
         while self.due_next < self.due.len() {
             let due = self.due[self.due_next];
             self.due_next += 1;
-            let Some(cb) = shared.lock().start_timer(&due, now) else {
+            let Some(cb) = shared.lock().timers.start(&due, now) else {
                 continue;
             };
             let mut running = RunningTimer {
                 shared: &shared,
-                id: due.id,
+                due,
                 cb: Some(cb),
             };
             count += 1;

@@ -144,6 +144,7 @@ mod frequency;
 mod id;
 mod local;
 mod table;
+mod timers;
 mod waker;
 
 pub use backend::{Backend, BackendInfo, Clock, Readiness};

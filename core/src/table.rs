@@ -2,8 +2,7 @@
 //!
 //! Everything here runs under the state mutex and never calls user code.
 
-use std::cmp::Reverse;
-use std::collections::{BTreeSet, BinaryHeap, HashMap};
+use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
 use std::os::fd::RawFd;
@@ -13,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use slab::Slab;
 
-use crate::{Backend, Events, Frequency, LoopHandle, TimerId, Token, WatchId};
+use crate::timers::Timers;
+use crate::{Backend, Events, LoopHandle, TimerId, Token, WatchId};
 
 pub(crate) type WatchFn = dyn FnMut(&LoopHandle, WatchId, RawFd, Events) + Send;
 pub(crate) type TimerFn = dyn FnMut(&LoopHandle, TimerId) + Send;
@@ -41,7 +41,7 @@ impl Hasher for IntHasher {
     }
 }
 
-type IntMap<K, V> = HashMap<K, V, BuildHasherDefault<IntHasher>>;
+pub(crate) type IntMap<K, V> = HashMap<K, V, BuildHasherDefault<IntHasher>>;
 
 /// What identifies the file behind an fd number: `st_dev` and `st_ino` from `fstat`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,22 +85,6 @@ struct FdEntry {
     reopened: bool,
 }
 
-pub(crate) struct Timer {
-    freq: Frequency,
-    generation: u64,
-    pub(crate) removed: bool,
-    /// `None` only while the callback runs.
-    pub(crate) cb: Option<Box<TimerFn>>,
-}
-
-/// A timer found due at the start of dispatch.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Due {
-    pub(crate) deadline: Instant,
-    pub(crate) id: TimerId,
-    generation: u64,
-}
-
 /// Callback state to drop outside the lock.
 #[derive(Default)]
 pub(crate) struct Garbage {
@@ -112,39 +96,18 @@ pub(crate) struct Garbage {
 pub(crate) struct State {
     pub(crate) closed: bool,
     next_watch: u64,
-    next_timer: u64,
     next_generation: u32,
     pub(crate) watches: IntMap<WatchId, Watch>,
     fds: Slab<FdEntry>,
     fd_index: IntMap<RawFd, usize>,
     dirty: Vec<usize>,
-    pub(crate) timers: IntMap<TimerId, Timer>,
-    heap: BinaryHeap<Reverse<(Instant, TimerId, u64)>>,
-    every: BTreeSet<TimerId>,
+    pub(crate) timers: Timers,
     removed_watches: Vec<WatchId>,
-    removed_timers: Vec<TimerId>,
     pub(crate) kernel_changes: u64,
     /// Tokens of the fds whose interest change the backend refused since the last dispatch:
     /// their watches get `ERROR` in the next one, and the change is retried in the next
     /// iteration.
     pub(crate) failed: Vec<Token>,
-}
-
-/// The first deadline after `now` on the grid `deadline + k * period` (k >= 1): the periods
-/// missed while the loop was busy coalesce into the firing that is running, and the grid
-/// stays where it was (no drift). Computed in 128-bit nanoseconds, so any number of missed
-/// periods is exact; `None` when the next deadline is beyond what `Instant` can hold.
-fn next_on_grid(deadline: Instant, period: Duration, now: Instant) -> Option<Instant> {
-    let next = deadline.checked_add(period)?;
-    if next > now {
-        return Some(next);
-    }
-    let period_ns = period.as_nanos();
-    let behind = now.duration_since(deadline).as_nanos();
-    let ahead = (behind / period_ns + 1) * period_ns;
-    let secs = u64::try_from(ahead / 1_000_000_000).ok()?;
-    let nanos = (ahead % 1_000_000_000) as u32;
-    deadline.checked_add(Duration::new(secs, nanos))
 }
 
 /// Errors that mean the fd number no longer names the file the kernel registered: closed
@@ -279,91 +242,6 @@ impl State {
         true
     }
 
-    pub(crate) fn add_timer(&mut self, freq: Frequency, cb: Box<TimerFn>, now: Instant) -> TimerId {
-        self.next_timer += 1;
-        let id = TimerId(self.next_timer);
-        self.timers.insert(
-            id,
-            Timer {
-                freq: Frequency::Disabled,
-                generation: 0,
-                removed: false,
-                cb: Some(cb),
-            },
-        );
-        self.set_timer(id, freq, now);
-        id
-    }
-
-    fn set_timer(&mut self, id: TimerId, freq: Frequency, now: Instant) {
-        let freq = freq.normalized();
-        let timer = self.timers.get_mut(&id).expect("timer present");
-        let was_every = timer.freq == Frequency::EveryIteration;
-        timer.generation += 1;
-        timer.freq = freq;
-        let generation = timer.generation;
-        if was_every && freq != Frequency::EveryIteration {
-            self.every.remove(&id);
-        }
-        match freq {
-            Frequency::EveryIteration => {
-                self.every.insert(id);
-            }
-            Frequency::Period(p) => {
-                // A deadline beyond what `Instant` can hold is never reached: such a timer
-                // is scheduled nowhere and never fires.
-                if let Some(deadline) = now.checked_add(p) {
-                    self.heap.push(Reverse((deadline, id, generation)));
-                }
-            }
-            Frequency::Disabled => {}
-        }
-        self.compact_heap();
-    }
-
-    /// Updated and removed timers leave stale heap entries behind; once they outnumber the
-    /// live ones, drop them all in one linear pass (amortized O(1) per update or removal,
-    /// where popping them one by one would cost O(log n) each).
-    fn compact_heap(&mut self) {
-        if self.heap.len() > 64 && self.heap.len() > 2 * self.live_timers() {
-            let timers = &self.timers;
-            self.heap.retain(|Reverse((_, id, g))| {
-                timers
-                    .get(id)
-                    .is_some_and(|t| !t.removed && t.generation == *g)
-            });
-        }
-    }
-
-    /// Timers not removed (those removed stay in the table until the next purge).
-    fn live_timers(&self) -> usize {
-        self.timers.len() - self.removed_timers.len()
-    }
-
-    /// Returns false for an unknown or removed id.
-    pub(crate) fn update_timer(&mut self, id: TimerId, freq: Frequency, now: Instant) -> bool {
-        if self.timers.get(&id).is_none_or(|t| t.removed) {
-            return false;
-        }
-        self.set_timer(id, freq, now);
-        true
-    }
-
-    /// Returns false for an unknown or removed id.
-    pub(crate) fn remove_timer(&mut self, id: TimerId) -> bool {
-        let Some(timer) = self.timers.get_mut(&id).filter(|t| !t.removed) else {
-            return false;
-        };
-        timer.removed = true;
-        timer.generation += 1;
-        if timer.freq == Frequency::EveryIteration {
-            self.every.remove(&id);
-        }
-        self.removed_timers.push(id);
-        self.compact_heap();
-        true
-    }
-
     /// Takes the state of removed watches and timers out of the table, to be dropped by the
     /// caller once the lock is released.
     pub(crate) fn purge(&mut self, garbage: &mut Garbage) {
@@ -372,16 +250,7 @@ impl State {
                 garbage.watches.extend(watch.cb);
             }
         }
-        for id in self.removed_timers.drain(..) {
-            if let Some(timer) = self.timers.remove(&id) {
-                garbage.timers.extend(timer.cb);
-            }
-        }
-        if self.timers.is_empty() && self.timers.capacity() > 0 {
-            // Removals leave tombstones that later inserts would pay for with a rehash into a
-            // new allocation; an empty table can drop them all at once, keeping its memory.
-            self.timers.clear();
-        }
+        self.timers.purge(&mut garbage.timers);
     }
 
     /// Everything, for the loop's drop.
@@ -390,14 +259,10 @@ impl State {
         garbage
             .watches
             .extend(self.watches.drain().filter_map(|(_, w)| w.cb));
-        garbage
-            .timers
-            .extend(self.timers.drain().filter_map(|(_, t)| t.cb));
+        self.timers.clear(&mut garbage.timers);
         self.fds.clear();
         self.fd_index.clear();
         self.dirty.clear();
-        self.heap.clear();
-        self.every.clear();
     }
 
     /// Applies the net change of every dirty fd to the backend.
@@ -494,71 +359,10 @@ impl State {
     /// timer exists or a failed registration has an `ERROR` to deliver;
     /// `None` when nothing is scheduled.
     pub(crate) fn timeout(&mut self, now: Instant) -> Option<Duration> {
-        if !self.every.is_empty() || !self.failed.is_empty() {
+        if self.timers.has_every() || !self.failed.is_empty() {
             return Some(Duration::ZERO);
         }
-        while let Some(Reverse((deadline, id, generation))) = self.heap.peek() {
-            if self.is_current(*id, *generation) {
-                return Some(deadline.saturating_duration_since(now));
-            }
-            self.heap.pop();
-        }
-        None
-    }
-
-    fn is_current(&self, id: TimerId, generation: u64) -> bool {
-        self.timers
-            .get(&id)
-            .is_some_and(|t| !t.removed && t.generation == generation)
-    }
-
-    /// Moves every timer due at `now` into `due`, sorted by deadline then id.
-    pub(crate) fn collect_due(&mut self, now: Instant, due: &mut Vec<Due>) {
-        while let Some(&Reverse((deadline, id, generation))) = self.heap.peek() {
-            if deadline > now {
-                break;
-            }
-            self.heap.pop();
-            if self.is_current(id, generation) {
-                due.push(Due {
-                    deadline,
-                    id,
-                    generation,
-                });
-            }
-        }
-        for &id in &self.every {
-            due.push(Due {
-                deadline: now,
-                id,
-                generation: self.timers[&id].generation,
-            });
-        }
-        due.sort_unstable_by_key(|d| (d.deadline, d.id));
-    }
-
-    /// Puts back due timers that a panic kept from running.
-    pub(crate) fn restore_due(&mut self, due: &[Due]) {
-        for d in due {
-            if matches!(self.timers.get(&d.id), Some(t) if matches!(t.freq, Frequency::Period(_))) {
-                self.heap.push(Reverse((d.deadline, d.id, d.generation)));
-            }
-        }
-    }
-
-    /// Re-arms a due timer and takes its callback, or returns `None` if it was removed,
-    /// disabled or updated since it was found due.
-    pub(crate) fn start_timer(&mut self, due: &Due, now: Instant) -> Option<Box<TimerFn>> {
-        let timer = self.timers.get_mut(&due.id)?;
-        if timer.removed || timer.generation != due.generation {
-            return None;
-        }
-        if let Frequency::Period(p) = timer.freq {
-            if let Some(next) = next_on_grid(due.deadline, p, now) {
-                self.heap.push(Reverse((next, due.id, due.generation)));
-            }
-        }
-        timer.cb.take()
+        self.timers.timeout(now)
     }
 
     /// Resolves one backend report into `(watch, events)` candidates. Returns false for a
@@ -588,21 +392,5 @@ impl State {
                 self.dirty.push(slot);
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_grid_is_exact_beyond_two_to_the_32_missed_periods() {
-        let start = Instant::now();
-        let period = Duration::from_nanos(3);
-        let now = start + Duration::from_secs(20); // 6.7e9 periods
-        let next = next_on_grid(start, period, now).unwrap();
-        assert!(next > now && next <= now + period);
-        assert_eq!(next.duration_since(start).as_nanos() % 3, 0);
-        assert_eq!(next_on_grid(start, Duration::MAX, now), None);
     }
 }
