@@ -43,8 +43,18 @@ impl Default for ContentionOptions {
     }
 }
 
-/// Median dispatch µs of one system with `talkers` other threads, and the calls they made.
-fn measure(name: &str, opts: &ContentionOptions, talkers: usize) -> io::Result<(f64, u64)> {
+/// What one system did with `talkers` other threads.
+struct Point {
+    /// Median dispatch wall time, µs.
+    wall: f64,
+    /// Median loop-thread CPU time during dispatch, µs.
+    cpu: f64,
+    /// Calls the talkers made.
+    calls: u64,
+}
+
+/// Runs the rounds of one system with `talkers` other threads.
+fn measure(name: &str, opts: &ContentionOptions, talkers: usize) -> io::Result<Point> {
     let pipes = Arc::new(Pipes::new(opts.pipes)?);
     let counters = Arc::new(Counters::default());
     let mut sys = start(name, &pipes, &counters)?;
@@ -90,11 +100,14 @@ fn measure(name: &str, opts: &ContentionOptions, talkers: usize) -> io::Result<(
         })
         .collect();
     talking.wait();
-    let mut dispatch = Vec::new();
+    let (mut dispatch, mut cpu) = (Vec::new(), Vec::new());
     let mut result = Ok(());
     for r in 0..=opts.rounds {
         match round(sys.as_mut(), &pipes, &counters, opts.active, opts.writes) {
-            Ok(done) if r > 0 => dispatch.push(done.dispatch.as_secs_f64() * 1e6),
+            Ok(done) if r > 0 => {
+                dispatch.push(done.dispatch.as_secs_f64() * 1e6);
+                cpu.push(done.dispatch_cpu.as_secs_f64() * 1e6);
+            }
             Ok(_) => {}
             Err(e) => {
                 result = Err(e);
@@ -110,7 +123,11 @@ fn measure(name: &str, opts: &ContentionOptions, talkers: usize) -> io::Result<(
     let _ = sys.turn();
     result?;
     drop(idle);
-    Ok((median(&mut dispatch), calls.load(Relaxed)))
+    Ok(Point {
+        wall: median(&mut dispatch),
+        cpu: median(&mut cpu),
+        calls: calls.load(Relaxed),
+    })
 }
 
 /// Runs the benchmark and reports it.
@@ -121,7 +138,7 @@ fn measure(name: &str, opts: &ContentionOptions, talkers: usize) -> io::Result<(
 pub fn report(opts: &ContentionOptions, mut progress: impl FnMut(&str)) -> io::Result<Report> {
     let vireo: Vec<String> = crate::pipes::systems()
         .into_iter()
-        .filter(|s| s.starts_with("vireo-"))
+        .filter(|s| s.starts_with("vireo-") && !s.starts_with("vireo-any-"))
         .collect();
     let chosen = crate::report::choose(&vireo, &opts.systems)?;
     let mut rep = Report {
@@ -129,7 +146,9 @@ pub fn report(opts: &ContentionOptions, mut progress: impl FnMut(&str)) -> io::R
         intro: vec![format!(
             "vireo-bench contention: bench.c dispatch ({} pipes, {} active, {} writes; medians \
              of {} rounds) while other threads call invoke and update_handle as fast as they \
-             can; ratio = dispatch with talkers / quiet",
+             can; ratio = dispatch with talkers / quiet. Wall time includes the time the \
+             talkers take the loop's cores from it (3 threads on 2 cores cannot stay at 1.0x); \
+             loop CPU is what the loop thread itself spent",
             opts.pipes, opts.active, opts.writes, opts.rounds
         )],
         columns: [
@@ -137,6 +156,8 @@ pub fn report(opts: &ContentionOptions, mut progress: impl FnMut(&str)) -> io::R
             "talkers",
             "dispatch us",
             "vs quiet",
+            "loop cpu us",
+            "cpu vs quiet",
             "calls by talkers",
         ]
         .map(String::from)
@@ -150,22 +171,34 @@ pub fn report(opts: &ContentionOptions, mut progress: impl FnMut(&str)) -> io::R
         groups: Vec::new(),
     };
     let mut worst: Option<(f64, String)> = None;
+    let mut worst_cpu: Option<(f64, String)> = None;
     for name in &chosen {
         let mut quiet = None;
+        let mut quiet_cpu = None;
         let mut bars = Vec::new();
         for &talkers in &opts.talkers {
             progress(&format!("{name}, {talkers} talkers"));
-            let (us, calls) = measure(name, opts, talkers)?;
+            let Point {
+                wall: us,
+                cpu,
+                calls,
+            } = measure(name, opts, talkers)?;
             let base = *quiet.get_or_insert(us);
             let ratio = us / base;
+            let cpu_ratio = cpu / *quiet_cpu.get_or_insert(cpu);
             if talkers == 2 && worst.as_ref().is_none_or(|w| ratio > w.0) {
                 worst = Some((ratio, name.clone()));
+            }
+            if talkers == 2 && worst_cpu.as_ref().is_none_or(|w| cpu_ratio > w.0) {
+                worst_cpu = Some((cpu_ratio, name.clone()));
             }
             rep.rows.push(vec![
                 name.clone(),
                 talkers.to_string(),
                 format!("{us:.1}"),
                 format!("{ratio:.2}"),
+                format!("{cpu:.1}"),
+                format!("{cpu_ratio:.2}"),
                 calls.to_string(),
             ]);
             rep.json.push(serde_json::json!({
@@ -174,6 +207,8 @@ pub fn report(opts: &ContentionOptions, mut progress: impl FnMut(&str)) -> io::R
                 "talkers": talkers,
                 "dispatch_us_median": us,
                 "ratio_vs_quiet": ratio,
+                "loop_cpu_us_median": cpu,
+                "cpu_ratio_vs_quiet": cpu_ratio,
                 "talker_calls": calls,
                 "pipes": opts.pipes,
                 "active": opts.active,
@@ -187,6 +222,13 @@ pub fn report(opts: &ContentionOptions, mut progress: impl FnMut(&str)) -> io::R
     if let Some((ratio, name)) = worst {
         rep.targets.push(Target {
             what: "dispatch with 2 threads talking <= 1.10x quiet".into(),
+            measured: format!("worst {ratio:.2}x ({name})"),
+            met: ratio <= 1.10,
+        });
+    }
+    if let Some((ratio, name)) = worst_cpu {
+        rep.targets.push(Target {
+            what: "loop-thread CPU with 2 threads talking <= 1.10x quiet".into(),
             measured: format!("worst {ratio:.2}x ({name})"),
             met: ratio <= 1.10,
         });
@@ -209,9 +251,9 @@ mod tests {
             talkers: vec![1],
             systems: vec!["vireo-poll".into()],
         };
-        let (us, calls) = measure("vireo-poll", &opts, 1).unwrap();
-        assert!(us > 0.0);
-        assert!(calls > 0, "the talker made no call");
+        let p = measure("vireo-poll", &opts, 1).unwrap();
+        assert!(p.wall > 0.0 && p.cpu > 0.0);
+        assert!(p.calls > 0, "the talker made no call");
         assert!(measure("raw-epoll", &opts, 0).is_err());
     }
 }

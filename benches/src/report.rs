@@ -186,3 +186,9 @@ mod tests {
         assert_eq!(percentile(&mut s, 100.0), Duration::from_micros(100));
     }
 }
+
+/// CPU time the calling thread has used so far.
+pub fn thread_cpu() -> std::time::Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    std::time::Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+}

@@ -14,7 +14,7 @@ use rand::{Rng, SeedableRng};
 use vireo_backends::{AnyBackend, BackendKind, Choice};
 use vireo_core::{EventLoop, Frequency};
 
-use crate::report::{Chart, Report, Target};
+use crate::report::{Chart, Report, Target, thread_cpu};
 
 /// What `vireo-bench timers` runs.
 #[derive(Debug, Clone)]
@@ -63,11 +63,6 @@ pub struct TimerResult {
     pub cpu_ns_per_firing: f64,
     /// Lateness in microseconds.
     pub lateness_us: Histogram<u64>,
-}
-
-fn thread_cpu() -> Duration {
-    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
-    Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
 }
 
 fn periods(n: usize, seed: u64, lo: Duration, hi: Duration) -> Vec<Duration> {

@@ -142,6 +142,7 @@ mod event_loop;
 mod events;
 mod frequency;
 mod id;
+mod ids;
 mod local;
 mod table;
 mod timers;
