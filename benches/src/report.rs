@@ -172,6 +172,12 @@ pub fn micros(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 
+/// CPU time the calling thread has used so far.
+pub fn thread_cpu() -> std::time::Duration {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+    std::time::Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -185,10 +191,4 @@ mod tests {
         assert_eq!(percentile(&mut s, 99.0), Duration::from_micros(99));
         assert_eq!(percentile(&mut s, 100.0), Duration::from_micros(100));
     }
-}
-
-/// CPU time the calling thread has used so far.
-pub fn thread_cpu() -> std::time::Duration {
-    let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
-    std::time::Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
 }
