@@ -392,6 +392,7 @@ pub struct LoopStats {
 /// A watch taken out of the table for one dispatch pass.
 struct Taken {
     id: WatchId,
+    slot: usize,
     fd: RawFd,
     ready: Events,
     /// The watch's [`Watch::flags`](crate::table::Watch), borrowed for the pass.
@@ -422,7 +423,8 @@ impl Drop for RunningWatches<'_> {
         self.shared.set_running(0);
         let mut state = self.shared.lock();
         for t in self.taken.drain(..) {
-            if let Some(w) = state.watches.get_mut(&t.id) {
+            // Slots are freed only by purges, never during a pass; the id check is a guard.
+            if let Some(w) = state.watches.get_mut(t.slot).filter(|w| w.id == t.id) {
                 w.cb = Some(t.cb);
             }
         }
@@ -472,7 +474,7 @@ pub struct EventLoop<B: Backend> {
     backend: B,
     handle: LoopHandle,
     ready: Vec<Readiness>,
-    candidates: Vec<(WatchId, Events)>,
+    candidates: Vec<(WatchId, usize, Events)>,
     /// Callbacks out of the table during the dispatch pass (kept for its capacity).
     taken: Vec<Taken>,
     /// The other end of [`Shared::invokes`].
@@ -745,12 +747,14 @@ impl<B: Backend> EventLoop<B> {
             // stale reports are dropped as they come, and the next one tries again.
             let _ = self.replace_backend();
         }
-        self.candidates.sort_unstable_by_key(|c| c.0);
+        if !self.candidates.is_sorted_by_key(|c| c.0) {
+            self.candidates.sort_unstable_by_key(|c| c.0);
+        }
         // One call per watch per iteration, also when a token was reported twice (a backend
         // that breaks the at-most-once rule, or a failed registration's ERROR beside a report).
         self.candidates.dedup_by(|later, first| {
             if later.0 == first.0 {
-                first.1 |= later.1;
+                first.2 |= later.2;
                 true
             } else {
                 false
@@ -783,14 +787,15 @@ impl<B: Backend> EventLoop<B> {
         // runs. The callbacks go back in one batch when the pass ends.
         {
             let mut state = shared.lock();
-            for &(id, ready) in &self.candidates {
-                if let Some(w) = state.watches.get_mut(&id) {
+            for &(id, slot, ready) in &self.candidates {
+                if let Some(w) = state.watches.get_mut(slot).filter(|w| w.id == id) {
                     if w.removed {
                         continue;
                     }
                     if let Some(cb) = w.cb.take() {
                         self.taken.push(Taken {
                             id,
+                            slot,
                             fd: w.fd,
                             ready,
                             flags: Arc::as_ptr(&w.flags),

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use slab::Slab;
 
+use crate::ids::IdMap;
 use crate::timers::Timers;
 use crate::{Backend, Events, LoopHandle, TimerId, Token, WatchId};
 
@@ -54,6 +55,7 @@ pub(crate) struct FileIdent {
 }
 
 pub(crate) struct Watch {
+    pub(crate) id: WatchId,
     pub(crate) fd: RawFd,
     fd_slot: usize,
     /// Left behind by a file that was closed while watched: its number now names another
@@ -75,8 +77,8 @@ pub(crate) const REMOVED: u32 = 1 << 31;
 struct FdEntry {
     fd: RawFd,
     ident: FileIdent,
-    /// Live (not removed) watches, ascending id order.
-    watches: Vec<WatchId>,
+    /// Live (not removed) watches as `(id, slot in State::watches)`, ascending id order.
+    watches: Vec<(WatchId, usize)>,
     /// The interest the backend has now; `None` when not registered.
     kernel: Option<Events>,
     token: Token,
@@ -97,12 +99,16 @@ pub(crate) struct State {
     pub(crate) closed: bool,
     next_watch: u64,
     next_generation: u32,
-    pub(crate) watches: IntMap<WatchId, Watch>,
+    /// Watches by slot; a removed watch keeps its slot until the next purge (never during a
+    /// dispatch pass), so a slot found in this iteration names the same watch all through it.
+    pub(crate) watches: Slab<Watch>,
+    watch_ids: IdMap,
     fds: Slab<FdEntry>,
     fd_index: IntMap<RawFd, usize>,
     dirty: Vec<usize>,
     pub(crate) timers: Timers,
-    removed_watches: Vec<WatchId>,
+    /// Slots of removed watches, freed at the next purge.
+    removed_watches: Vec<usize>,
     pub(crate) kernel_changes: u64,
     /// Tokens of the fds whose interest change the backend refused since the last dispatch:
     /// their watches get `ERROR` in the next one, and the change is retried in the next
@@ -162,10 +168,8 @@ impl State {
                     if other_file {
                         // Watches still here belong to the closed file: they must never
                         // receive the new file's events.
-                        for stale in std::mem::take(&mut entry.watches) {
-                            if let Some(w) = self.watches.get_mut(&stale) {
-                                w.detached = true;
-                            }
+                        for (_, stale) in std::mem::take(&mut entry.watches) {
+                            self.watches[stale].detached = true;
                         }
                     }
                     self.mark_dirty(slot);
@@ -191,28 +195,27 @@ impl State {
                 slot
             }
         };
-        self.fds[slot].watches.push(id);
+        let watch_slot = self.watches.insert(Watch {
+            id,
+            fd,
+            fd_slot: slot,
+            detached: false,
+            events,
+            removed: false,
+            flags: Arc::new(AtomicU32::new(events.bits())),
+            cb: Some(cb),
+        });
+        self.watch_ids.insert(id.0, watch_slot);
+        self.fds[slot].watches.push((id, watch_slot));
         if !events.is_empty() {
             self.mark_dirty(slot);
         }
-        self.watches.insert(
-            id,
-            Watch {
-                fd,
-                fd_slot: slot,
-                detached: false,
-                events,
-                removed: false,
-                flags: Arc::new(AtomicU32::new(events.bits())),
-                cb: Some(cb),
-            },
-        );
         id
     }
 
     /// Returns false for an unknown or removed id.
     pub(crate) fn update_watch(&mut self, id: WatchId, events: Events) -> bool {
-        let Some(watch) = self.watches.get_mut(&id).filter(|w| !w.removed) else {
+        let Some(watch) = self.watch_ids.get(id.0).map(|slot| &mut self.watches[slot]) else {
             return false;
         };
         if watch.events != events {
@@ -228,27 +231,26 @@ impl State {
 
     /// Returns false for an unknown or removed id.
     pub(crate) fn remove_watch(&mut self, id: WatchId) -> bool {
-        let Some(watch) = self.watches.get_mut(&id).filter(|w| !w.removed) else {
+        let Some(watch_slot) = self.watch_ids.remove(id.0) else {
             return false;
         };
+        let watch = &mut self.watches[watch_slot];
         watch.removed = true;
         watch.flags.store(REMOVED, SeqCst);
         if !watch.detached {
             let slot = watch.fd_slot;
-            self.fds[slot].watches.retain(|w| *w != id);
+            self.fds[slot].watches.retain(|w| w.0 != id);
             self.mark_dirty(slot);
         }
-        self.removed_watches.push(id);
+        self.removed_watches.push(watch_slot);
         true
     }
 
     /// Takes the state of removed watches and timers out of the table, to be dropped by the
     /// caller once the lock is released.
     pub(crate) fn purge(&mut self, garbage: &mut Garbage) {
-        for id in self.removed_watches.drain(..) {
-            if let Some(watch) = self.watches.remove(&id) {
-                garbage.watches.extend(watch.cb);
-            }
+        for slot in self.removed_watches.drain(..) {
+            garbage.watches.extend(self.watches.remove(slot).cb);
         }
         self.timers.purge(&mut garbage.timers);
     }
@@ -258,7 +260,9 @@ impl State {
         self.closed = true;
         garbage
             .watches
-            .extend(self.watches.drain().filter_map(|(_, w)| w.cb));
+            .extend(self.watches.drain().filter_map(|w| w.cb));
+        self.watch_ids.clear();
+        self.removed_watches.clear();
         self.timers.clear(&mut garbage.timers);
         self.fds.clear();
         self.fd_index.clear();
@@ -281,8 +285,8 @@ impl State {
             entry.dirty = false;
             let fd = entry.fd;
             let mut want: Option<Events> = None;
-            for id in &entry.watches {
-                let events = self.watches[id].events;
+            for &(_, watch_slot) in &entry.watches {
+                let events = self.watches[watch_slot].events;
                 if !events.is_empty() {
                     *want.get_or_insert(Events::empty()) |= events & Events::INTEREST;
                 }
@@ -365,17 +369,17 @@ impl State {
         self.timers.timeout(now)
     }
 
-    /// Resolves one backend report into `(watch, events)` candidates. Returns false for a
+    /// Resolves one backend report into `(watch, slot, events)` candidates. Returns false for a
     /// stale token: a registration the kernel kept although the core replaced or removed it.
     pub(crate) fn resolve(
         &self,
         token: Token,
         events: Events,
-        out: &mut Vec<(WatchId, Events)>,
+        out: &mut Vec<(WatchId, usize, Events)>,
     ) -> bool {
         match self.fds.get(token.slot()) {
             Some(entry) if entry.token == token => {
-                out.extend(entry.watches.iter().map(|&id| (id, events)));
+                out.extend(entry.watches.iter().map(|&(id, slot)| (id, slot, events)));
                 true
             }
             _ => false,
