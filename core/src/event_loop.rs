@@ -673,33 +673,29 @@ impl<B: Backend> EventLoop<B> {
         state.sync(&mut self.backend)
     }
 
-    fn purge(&mut self) {
-        let mut garbage = Garbage::default();
-        self.handle.shared.lock().purge(&mut garbage);
-        // Dropped here: on the loop thread, with no lock held.
-        drop(garbage);
-    }
-
     fn iterate(&mut self, max_wait: Option<Duration>) -> io::Result<usize> {
         let shared = Arc::clone(&self.handle.shared);
         let _runner = Runner::enter(&shared);
-        if self.due_next < self.due.len() {
-            // A timer callback panicked in the previous iteration.
-            shared.lock().timers.restore_due(&self.due[self.due_next..]);
-        }
-        self.due.clear();
-        self.due_next = 0;
-        self.purge();
-
+        // Callback state removed since the last purge: dropped below, on this thread, with
+        // no lock held (declared before the lock guard, so also dropped after it on error).
+        let mut garbage = Garbage::default();
         let (timeout, seen) = {
             let mut state = shared.lock();
+            if self.due_next < self.due.len() {
+                // A timer callback panicked in the previous iteration.
+                state.timers.restore_due(&self.due[self.due_next..]);
+            }
+            self.due.clear();
+            self.due_next = 0;
+            state.purge(&mut garbage);
             state.sync(&mut self.backend)?;
-            let mut timeout = state.timeout(shared.now());
+            let mut timeout = state.timeout(|| shared.now());
             if shared.quit.load(Ordering::SeqCst) {
                 timeout = Some(Duration::ZERO);
             }
             (timeout, shared.waker.seq())
         };
+        drop(garbage);
         // Checked after `seen` was read: a closure queued later bumps the sequence, so the
         // wait below either sees the bump or is woken by the eventfd.
         let timeout = if self.invokes.is_empty() {
@@ -724,11 +720,15 @@ impl<B: Backend> EventLoop<B> {
         waited?;
         self.iterations += 1;
 
-        let now = shared.now();
+        // One lock for everything dispatch needs from the table: the ready watches, the due
+        // timers, and every candidate's callback. Whether a watch was removed or paused since
+        // is read from its flags, without the lock, just before it runs; the callbacks go
+        // back in one batch when the pass ends.
         self.candidates.clear();
-        let mut stale = false;
+        let mut now = None;
         {
             let mut state = shared.lock();
+            let mut stale = false;
             for r in &self.ready {
                 if r.token == Token::WAKER {
                     shared.waker.drain();
@@ -741,52 +741,33 @@ impl<B: Backend> EventLoop<B> {
             for token in std::mem::take(&mut state.failed) {
                 state.resolve(token, Events::ERROR, &mut self.candidates);
             }
-        }
-        if stale {
-            // Without a fresh instance (out of fds, say) the loop goes on with this one: the
-            // stale reports are dropped as they come, and the next one tries again.
-            let _ = self.replace_backend();
-        }
-        if !self.candidates.is_sorted_by_key(|c| c.0) {
-            self.candidates.sort_unstable_by_key(|c| c.0);
-        }
-        // One call per watch per iteration, also when a token was reported twice (a backend
-        // that breaks the at-most-once rule, or a failed registration's ERROR beside a report).
-        self.candidates.dedup_by(|later, first| {
-            if later.0 == first.0 {
-                first.2 |= later.2;
-                true
-            } else {
-                false
+            if stale {
+                // Without a fresh instance (out of fds, say) the loop goes on with this one:
+                // the stale reports are dropped as they come, and the next one tries again.
+                drop(state);
+                let _ = self.replace_backend();
+                state = shared.lock();
             }
-        });
-        shared.lock().timers.collect_due(now, &mut self.due);
-
-        let mut count = 0;
-        while self.due_next < self.due.len() {
-            let due = self.due[self.due_next];
-            self.due_next += 1;
-            let Some(cb) = shared.lock().timers.start(&due, now) else {
-                continue;
-            };
-            let mut running = RunningTimer {
-                shared: &shared,
-                due,
-                cb: Some(cb),
-            };
-            count += 1;
-            self.dispatched += 1;
-            if let Some(cb) = running.cb.as_mut() {
-                cb(&self.handle, due.id);
+            if !self.candidates.is_sorted_by_key(|c| c.0) {
+                self.candidates.sort_unstable_by_key(|c| c.0);
             }
-            drop(running);
-        }
-
-        // One lock to take every candidate's callback out of the table; whether a watch was
-        // removed or paused since is read from its flags, without the lock, just before it
-        // runs. The callbacks go back in one batch when the pass ends.
-        {
-            let mut state = shared.lock();
+            // One call per watch per iteration, also when a token was reported twice (a
+            // backend that breaks the at-most-once rule, or a failed registration's ERROR
+            // beside a report).
+            self.candidates.dedup_by(|later, first| {
+                if later.0 == first.0 {
+                    first.2 |= later.2;
+                    true
+                } else {
+                    false
+                }
+            });
+            // The clock is read only when a timer may be due.
+            if state.timers.has_any() {
+                let t = shared.now();
+                state.timers.collect_due(t, &mut self.due);
+                now = Some(t);
+            }
             for &(id, slot, ready) in &self.candidates {
                 if let Some(w) = state.watches.get_mut(slot).filter(|w| w.id == id) {
                     if w.removed {
@@ -805,10 +786,34 @@ impl<B: Backend> EventLoop<B> {
                 }
             }
         }
+        // Returns the watch callbacks also when a timer or watch callback panics.
         let running = RunningWatches {
             shared: &shared,
             taken: &mut self.taken,
         };
+
+        let mut count = 0;
+        if let Some(now) = now {
+            while self.due_next < self.due.len() {
+                let due = self.due[self.due_next];
+                self.due_next += 1;
+                let Some(cb) = shared.lock().timers.start(&due, now) else {
+                    continue;
+                };
+                let mut timer = RunningTimer {
+                    shared: &shared,
+                    due,
+                    cb: Some(cb),
+                };
+                count += 1;
+                self.dispatched += 1;
+                if let Some(cb) = timer.cb.as_mut() {
+                    cb(&self.handle, due.id);
+                }
+                drop(timer);
+            }
+        }
+
         for t in running.taken.iter_mut() {
             // The previous callback has returned; this one may start (a remover from another
             // thread either sees it running or this load sees the removal).
@@ -847,12 +852,18 @@ impl<B: Backend> EventLoop<B> {
             f(&self.handle);
         }
 
-        self.purge();
-        // Apply this iteration's removals and changes now rather than at the next iteration:
-        // a backend whose pending polls hold file references (io_uring) then lets the caller's
-        // close take effect (the peer sees EOF) as soon as run_once returns. An error here
-        // leaves the fd dirty; the next iteration retries it and reports the error.
-        let _ = shared.lock().sync(&mut self.backend);
+        let mut garbage = Garbage::default();
+        {
+            let mut state = shared.lock();
+            state.purge(&mut garbage);
+            // Apply this iteration's removals and changes now rather than at the next
+            // iteration: a backend whose pending polls hold file references (io_uring) then
+            // lets the caller's close take effect (the peer sees EOF) as soon as run_once
+            // returns. An error here leaves the fd dirty; the next iteration retries it and
+            // reports the error.
+            let _ = state.sync(&mut self.backend);
+        }
+        drop(garbage);
         Ok(count)
     }
 }

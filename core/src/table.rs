@@ -362,11 +362,14 @@ impl State {
     /// The timeout until the earliest periodic deadline; `Some(ZERO)` when an every-iteration
     /// timer exists or a failed registration has an `ERROR` to deliver;
     /// `None` when nothing is scheduled.
-    pub(crate) fn timeout(&mut self, now: Instant) -> Option<Duration> {
+    pub(crate) fn timeout(&mut self, now: impl FnOnce() -> Instant) -> Option<Duration> {
         if self.timers.has_every() || !self.failed.is_empty() {
             return Some(Duration::ZERO);
         }
-        self.timers.timeout(now)
+        if !self.timers.has_any() {
+            return None;
+        }
+        self.timers.timeout(now())
     }
 
     /// Resolves one backend report into `(watch, slot, events)` candidates. Returns false for a

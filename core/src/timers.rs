@@ -168,6 +168,11 @@ impl Timers {
         self.removed.clear();
     }
 
+    /// Whether some timer may be due now or later (the clock need not be read otherwise).
+    pub(crate) fn has_any(&self) -> bool {
+        !self.heap.is_empty() || !self.every.is_empty()
+    }
+
     /// Whether an every-iteration timer exists (the loop must not block).
     pub(crate) fn has_every(&self) -> bool {
         !self.every.is_empty()
