@@ -205,6 +205,7 @@ macro_rules! __conformance_cases {
             threads::remove_from_other_thread_waits_for_a_running_callback,
             threads::loop_created_on_one_thread_runs_on_another,
             threads::public_types_are_send_and_sync,
+            threads::nowait_changes_return_while_the_callback_runs,
             local::local_state_is_shared_by_every_kind_of_callback,
             local::local_state_is_refused_off_the_loop_thread,
             local::nested_access_is_borrowed_and_a_panic_releases_it,

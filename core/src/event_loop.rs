@@ -199,6 +199,25 @@ impl LoopHandle {
     /// [`Error::UnknownWatch`] when the id was never returned by this loop or was removed;
     /// [`Error::Closed`] when the loop was dropped.
     pub fn update_handle(&self, id: WatchId, events: Events) -> Result<(), Error> {
+        self.update(id, events, true)
+    }
+
+    /// Like [`update_handle`](LoopHandle::update_handle), but a pause never waits: an
+    /// invocation of the watch that began before this call (on the loop thread, while this
+    /// runs on another) may still be running when it returns; none begins after it returns.
+    ///
+    /// This is the rule of libvirt's own loops, for callers that may hold a lock the running
+    /// callback is waiting for (libvirt's client pauses its socket's watch while it holds
+    /// the connection's lock): a waiting pause would deadlock there.
+    ///
+    /// # Errors
+    ///
+    /// As [`update_handle`](LoopHandle::update_handle).
+    pub fn update_handle_nowait(&self, id: WatchId, events: Events) -> Result<(), Error> {
+        self.update(id, events, false)
+    }
+
+    fn update(&self, id: WatchId, events: Events, wait: bool) -> Result<(), Error> {
         {
             let mut state = self.shared.lock();
             if state.closed {
@@ -208,8 +227,8 @@ impl LoopHandle {
                 return Err(Error::UnknownWatch(id));
             }
             drop(state);
-            let on_loop_thread = self.shared.runs_on_this_thread();
-            if events.is_empty() {
+            if wait && events.is_empty() {
+                let on_loop_thread = self.shared.runs_on_this_thread();
                 self.shared.wait_for_invocation(on_loop_thread, id);
             }
         }
@@ -233,6 +252,27 @@ impl LoopHandle {
     /// [`Error::UnknownWatch`] when the id is unknown or already removed; [`Error::Closed`]
     /// when the loop was dropped.
     pub fn remove_handle(&self, id: WatchId) -> Result<(), Error> {
+        self.remove(id, true)
+    }
+
+    /// Like [`remove_handle`](LoopHandle::remove_handle), but never waits: an invocation of
+    /// the watch that began before this call (on the loop thread, while this runs on
+    /// another) may still be running when it returns; none begins after it returns. The
+    /// callback's state is still dropped on the loop thread, after that invocation returned
+    /// and after this call returned.
+    ///
+    /// libvirt's rule (its client removes watches while holding locks its callbacks take);
+    /// the fd may be closed only once a running invocation is known to be over, which is
+    /// what the drop of the callback's state tells (libvirt's free callback).
+    ///
+    /// # Errors
+    ///
+    /// As [`remove_handle`](LoopHandle::remove_handle).
+    pub fn remove_handle_nowait(&self, id: WatchId) -> Result<(), Error> {
+        self.remove(id, false)
+    }
+
+    fn remove(&self, id: WatchId, wait: bool) -> Result<(), Error> {
         {
             let mut state = self.shared.lock();
             if state.closed {
@@ -242,11 +282,20 @@ impl LoopHandle {
                 return Err(Error::UnknownWatch(id));
             }
             drop(state);
-            let on_loop_thread = self.shared.runs_on_this_thread();
-            self.shared.wait_for_invocation(on_loop_thread, id);
+            if wait {
+                let on_loop_thread = self.shared.runs_on_this_thread();
+                self.shared.wait_for_invocation(on_loop_thread, id);
+            }
         }
         self.shared.waker.changed();
         Ok(())
+    }
+
+    /// Whether the caller runs on this loop's thread, inside one of its iterations (a
+    /// callback, or the drop of a callback's state), or inside
+    /// [`EventLoop::with_local`]: where [`LoopLocal::with`] succeeds.
+    pub fn is_loop_thread(&self) -> bool {
+        self.shared.runs_on_this_thread()
     }
 
     /// Adds a timer that calls `callback` on the loop thread at `frequency`

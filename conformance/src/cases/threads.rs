@@ -351,3 +351,53 @@ pub fn remove_from_other_thread_waits_for_a_running_callback<B: Backend>() {
         );
     }
 }
+
+/// `update_handle_nowait` and `remove_handle_nowait` from another thread return while the
+/// watch's callback is running (the callback waits for them: the waiting variants would
+/// deadlock), and the watch is not called again. `is_loop_thread` is true in the callback
+/// only.
+pub fn nowait_changes_return_while_the_callback_runs<B: Backend>() {
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::mpsc;
+    let mut lp = new_loop::<B>();
+    let (r, w) = pipe();
+    write(&w, b"x");
+    let (entered_tx, entered_rx) = mpsc::channel::<()>();
+    let (release_tx, release_rx) = mpsc::channel::<()>();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::clone(&calls);
+    let id = lp
+        .handle()
+        .add_handle(raw(&r), Events::READABLE, move |h, _, _, _| {
+            assert!(h.is_loop_thread());
+            seen.fetch_add(1, Ordering::SeqCst);
+            entered_tx.send(()).unwrap();
+            // The data is left unread: a watch still registered fires again.
+            release_rx
+                .recv_timeout(Duration::from_secs(20))
+                .expect("a nowait change waited for the running callback");
+        })
+        .unwrap();
+    assert!(!lp.handle().is_loop_thread());
+    let h = lp.handle().clone();
+    let changer = thread::spawn(move || {
+        entered_rx.recv().unwrap();
+        assert!(!h.is_loop_thread());
+        h.update_handle_nowait(id, Events::empty()).unwrap();
+        h.remove_handle_nowait(id).unwrap();
+        release_tx.send(()).unwrap();
+        h
+    });
+    lp.run_once_timeout(Duration::from_secs(20)).unwrap();
+    let h = changer.join().unwrap();
+    run_iterations(&mut lp, 3);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert!(matches!(
+        h.remove_handle_nowait(id),
+        Err(vireo_core::Error::UnknownWatch(_))
+    ));
+    assert!(matches!(
+        h.update_handle_nowait(id, Events::READABLE),
+        Err(vireo_core::Error::UnknownWatch(_))
+    ));
+}
