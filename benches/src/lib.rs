@@ -8,6 +8,7 @@
 pub mod contention;
 pub mod dispatch;
 pub mod heap;
+pub mod libvirt;
 pub mod pipes;
 pub mod plot;
 pub mod pool;

@@ -56,6 +56,7 @@
 
 mod ffi;
 mod ids;
+pub mod testing;
 
 use std::ffi::{c_int, c_void};
 use std::fmt;

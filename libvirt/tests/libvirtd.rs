@@ -17,14 +17,14 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use vireo_backends::{AnyBackend, BackendKind, Choice};
 
-const PACKAGES: &str = "libvirt-daemon libvirt-clients libvirt-dev python3-libvirt";
+use vireo_libvirt::testing::{self, SessionDaemon};
+
 const INTERVAL_S: u64 = 1;
 const COUNT: u64 = 3;
 
@@ -34,54 +34,21 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 /// Whether everything is here; without it the test is skipped (or fails when required).
 fn libvirt_ready() -> bool {
-    let mut missing = Vec::new();
-    for path in [
-        "/usr/sbin/libvirtd",
-        "/usr/bin/virsh",
-        "/usr/include/libvirt/libvirt.h",
-        "/usr/bin/python3",
-    ] {
-        if !Path::new(path).exists() {
-            missing.push(path.to_owned());
-        }
-    }
-    if vireo_libvirt::Libvirt::load().is_err() {
-        missing.push(vireo_libvirt::LIBVIRT_SONAME.to_owned());
+    let mut missing: Vec<String> = testing::missing(&["cc"]).into_iter().collect();
+    if !Path::new("/usr/include/libvirt/libvirt.h").exists() {
+        missing.push("/usr/include/libvirt/libvirt.h".into());
     }
     let python = Command::new("/usr/bin/python3")
         .args(["-c", "import libvirt"])
         .output();
     if !python.is_ok_and(|o| o.status.success()) {
-        missing.push("python3-libvirt (import libvirt)".to_owned());
+        missing.push("python3-libvirt (import libvirt)".into());
     }
-    if Command::new("cc").arg("--version").output().is_err() {
-        missing.push("a C compiler (cc)".to_owned());
-    }
-    if is_root() && Command::new("setpriv").arg("--version").output().is_err() {
-        missing.push("setpriv".to_owned());
-    }
-    if missing.is_empty() {
-        return true;
-    }
-    let why = format!(
-        "libvirt tests need {} (Debian packages: {PACKAGES}); missing: {}",
-        "libvirt, a C compiler and python3-libvirt",
-        missing.join(", ")
-    );
-    if std::env::var("VIREO_REQUIRE_LIBVIRT").as_deref() == Ok("1") {
-        panic!("{why} (VIREO_REQUIRE_LIBVIRT=1)");
-    }
-    eprintln!("skipped: {why}");
-    false
+    testing::ready_or_skip(
+        "the real-libvirtd tests",
+        (!missing.is_empty()).then(|| missing.join(", ")),
+    )
 }
-
-fn is_root() -> bool {
-    rustix::process::geteuid().is_root()
-}
-
-/// The uid the daemon runs as when the tests run as root (libvirtd's system mode refuses to
-/// start here, so it runs as a session daemon of an unprivileged user).
-const NOBODY: &str = "65534";
 
 fn run(cmd: &mut Command) -> std::process::Output {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
@@ -94,119 +61,8 @@ fn run(cmd: &mut Command) -> std::process::Output {
     out
 }
 
-/// A session libvirtd with the test driver, in a directory of its own.
-struct Daemon {
-    dir: PathBuf,
-    child: Child,
-    pid: i32,
-    uri: String,
-}
-
-impl Daemon {
-    fn start() -> Daemon {
-        static N: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "vireo-libvirtd-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::SeqCst)
-        ));
-        let _ = std::fs::remove_dir_all(&dir);
-        for sub in ["home", "run", "config", "cache"] {
-            std::fs::create_dir_all(dir.join(sub)).unwrap();
-        }
-        let env = [
-            ("HOME", dir.join("home")),
-            ("XDG_RUNTIME_DIR", dir.join("run")),
-            ("XDG_CONFIG_HOME", dir.join("config")),
-            ("XDG_CACHE_HOME", dir.join("cache")),
-        ];
-        let log = std::fs::File::create(dir.join("libvirtd.log")).unwrap();
-        let mut cmd = if is_root() {
-            run(Command::new("chown")
-                .args(["-R", &format!("{NOBODY}:{NOBODY}")])
-                .arg(&dir));
-            let mut c = Command::new("setpriv");
-            c.args([
-                &format!("--reuid={NOBODY}"),
-                &format!("--regid={NOBODY}"),
-                "--clear-groups",
-                "env",
-                "-i",
-            ]);
-            for (k, v) in &env {
-                c.arg(format!("{k}={}", v.display()));
-            }
-            c.arg("PATH=/usr/sbin:/usr/bin:/sbin:/bin");
-            c
-        } else {
-            let mut c = Command::new("env");
-            c.arg("-i");
-            for (k, v) in &env {
-                c.arg(format!("{k}={}", v.display()));
-            }
-            c.arg("PATH=/usr/sbin:/usr/bin:/sbin:/bin");
-            c
-        };
-        std::fs::set_permissions(
-            dir.join("run"),
-            std::os::unix::fs::PermissionsExt::from_mode(0o700),
-        )
-        .unwrap();
-        // Bounded: the daemon goes by itself if a test dies before its drop.
-        cmd.args(["timeout", "300", "/usr/sbin/libvirtd"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
-        let child = cmd.spawn().expect("start libvirtd");
-        let socket = dir.join("run/libvirt/libvirt-sock");
-        let pidfile = dir.join("run/libvirt/libvirtd.pid");
-        let started = Instant::now();
-        let pid = loop {
-            // No signal to wait on: the daemon says it is up by creating these files.
-            let pid = std::fs::read_to_string(&pidfile)
-                .ok()
-                .and_then(|s| s.trim().parse::<i32>().ok());
-            if let (Some(pid), true) = (pid, socket.exists()) {
-                break pid;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "libvirtd did not start: {}",
-                std::fs::read_to_string(dir.join("libvirtd.log")).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let uri = format!("test+unix:///default?socket={}", socket.display());
-        Daemon {
-            dir,
-            child,
-            pid,
-            uri,
-        }
-    }
-
-    fn signal(&self, sig: rustix::process::Signal) {
-        let pid = rustix::process::Pid::from_raw(self.pid).expect("positive pid");
-        rustix::process::kill_process(pid, sig).expect("signal libvirtd");
-    }
-
-    /// One virsh connection running `commands` (separated by `;`).
-    fn virsh(&self, commands: &str) {
-        run(Command::new("timeout")
-            .args(["60", "virsh", "-q", "-c", &self.uri, commands])
-            .current_dir(&self.dir));
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(pid) = rustix::process::Pid::from_raw(self.pid) {
-            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+fn start_daemon() -> SessionDaemon {
+    SessionDaemon::start("").unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Where the cdylib is: beside this test binary (target/*/deps), or one folder up.
@@ -261,9 +117,9 @@ struct Running {
 }
 
 impl Running {
-    fn start(client: Client, backend: BackendKind, daemon: &Daemon) -> Running {
+    fn start(client: Client, backend: BackendKind, daemon: &SessionDaemon) -> Running {
         let args = [
-            daemon.uri.clone(),
+            daemon.uri().to_owned(),
             INTERVAL_S.to_string(),
             COUNT.to_string(),
         ];
@@ -362,14 +218,16 @@ fn events_then_eof(client: Client) {
     }
     for backend in backends() {
         let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-        let daemon = Daemon::start();
+        let daemon = start_daemon();
         let mut c = Running::start(client, backend, &daemon);
-        let xml = daemon.dir.join("transient.xml");
+        let xml = daemon.dir().join("transient.xml");
         std::fs::write(&xml, TRANSIENT).unwrap();
-        daemon.virsh(&format!(
-            "destroy test; start test; suspend test; resume test; create {}; destroy vireo-transient",
-            xml.display()
-        ));
+        daemon
+            .virsh(&format!(
+                "destroy test; start test; suspend test; resume test; create {}; destroy vireo-transient",
+                xml.display()
+            ))
+            .unwrap();
         // Event and detail numbers are libvirt's (virDomainEventType and its details).
         for expected in [
             "event test stopped 1 1",
@@ -381,7 +239,7 @@ fn events_then_eof(client: Client) {
         ] {
             assert_eq!(c.next(Duration::from_secs(30)), expected, "{}", c.what);
         }
-        daemon.signal(rustix::process::Signal::KILL);
+        daemon.signal(rustix::process::Signal::KILL).unwrap();
         assert_eq!(c.next(Duration::from_secs(30)), "close 1 1", "{}", c.what);
         assert_eq!(c.next(Duration::from_secs(30)), "done", "{}", c.what);
         c.finish();
@@ -396,9 +254,9 @@ fn keepalive_closes_a_frozen_daemon(client: Client) {
     }
     for backend in backends() {
         let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-        let daemon = Daemon::start();
+        let daemon = start_daemon();
         let mut c = Running::start(client, backend, &daemon);
-        daemon.signal(rustix::process::Signal::STOP);
+        daemon.signal(rustix::process::Signal::STOP).unwrap();
         let frozen = Instant::now();
         let bound = Duration::from_secs(INTERVAL_S * COUNT + 2);
         let line = c.next(bound + Duration::from_secs(10));
@@ -407,7 +265,7 @@ fn keepalive_closes_a_frozen_daemon(client: Client) {
         assert!(took <= bound, "{}: keepalive close after {took:?}", c.what);
         assert_eq!(c.next(Duration::from_secs(30)), "done", "{}", c.what);
         c.finish();
-        daemon.signal(rustix::process::Signal::CONT);
+        daemon.signal(rustix::process::Signal::CONT).unwrap();
     }
 }
 

@@ -43,6 +43,14 @@ enum Command {
     /// bench.c dispatch on vireo while 0, 1 and 2 other threads call invoke and update_handle
     /// as fast as they can (the daemon's workers hand every reply back through invoke).
     Contention(ContentionArgs),
+    /// libvirt's client on vireo (each backend) beside libvirt's default event loop, against a
+    /// real libvirtd (test driver): 1, 100 and 1,000 connections subscribed to domain events
+    /// while another suspends and resumes the domain. Needs libvirt installed.
+    Libvirt(LibvirtArgs),
+    /// One point of `libvirt`, in a process of its own (an event implementation is registered
+    /// once per process): prints one JSON line.
+    #[command(hide = true)]
+    LibvirtClient(LibvirtClientArgs),
     /// Every benchmark above at moderate sizes: a markdown report (the body of BENCHMARKS.md)
     /// and SVG charts.
     Compare(CompareArgs),
@@ -383,6 +391,80 @@ fn contention(mut args: ContentionArgs) -> anyhow::Result<()> {
 }
 
 #[derive(Debug, Args)]
+struct LibvirtArgs {
+    /// Subscribed connections per point (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "1,100,1000")]
+    connections: Vec<usize>,
+    /// Seconds of suspend/resume per point.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// Seconds of idle keepalive traffic per point.
+    #[arg(long, default_value_t = 3.0)]
+    idle_seconds: f64,
+    /// A smoke run well under a minute.
+    #[arg(long)]
+    quick: bool,
+    /// Run only these systems (repeatable): vireo-BACKEND or libvirt-default.
+    #[arg(long = "system", value_name = "NAME")]
+    systems: Vec<String>,
+    #[command(flatten)]
+    out: Output,
+}
+
+fn libvirt(mut args: LibvirtArgs) -> anyhow::Result<()> {
+    if args.quick {
+        args.connections = vec![1, 20];
+        args.seconds = args.seconds.min(0.5);
+        args.idle_seconds = args.idle_seconds.min(0.5);
+    }
+    if args.connections.is_empty() || args.connections.contains(&0) {
+        bail!("--connections must list counts of at least 1");
+    }
+    let seconds_ok = args.seconds > 0.0 && args.seconds <= 600.0;
+    let idle_ok = (0.0..=600.0).contains(&args.idle_seconds);
+    if !(seconds_ok && idle_ok) {
+        bail!("--seconds must be in (0, 600], --idle-seconds in [0, 600]");
+    }
+    let opts = vireo_benches::libvirt::LibvirtOptions {
+        connections: args.connections,
+        seconds: args.seconds,
+        idle_seconds: args.idle_seconds,
+        systems: args.systems,
+    };
+    let exe = std::env::current_exe()?;
+    run_bench(&args.out, |progress| {
+        vireo_benches::libvirt::report(&exe, &opts, progress)
+    })
+}
+
+#[derive(Debug, Args)]
+struct LibvirtClientArgs {
+    #[arg(long)]
+    system: String,
+    #[arg(long)]
+    uri: String,
+    #[arg(long)]
+    connections: usize,
+    #[arg(long)]
+    seconds: f64,
+    #[arg(long)]
+    idle_seconds: f64,
+}
+
+fn libvirt_client(args: LibvirtClientArgs) -> anyhow::Result<()> {
+    let line = vireo_benches::libvirt::client(
+        &args.system,
+        &args.uri,
+        args.connections,
+        args.seconds,
+        args.idle_seconds,
+    )?;
+    println!("{line}");
+    // Exit without closing a thousand connections one by one: the daemon sees EOF on each.
+    std::process::exit(0);
+}
+
+#[derive(Debug, Args)]
 struct DispatchArgs {
     /// Ready watches per iteration (comma-separated).
     #[arg(long, value_delimiter = ',', default_value = "10,100,1000,10000")]
@@ -676,6 +758,8 @@ fn main() -> anyhow::Result<()> {
         Command::Wake(args) => wake(args),
         Command::Dispatch(args) => dispatch(args),
         Command::Contention(args) => contention(args),
+        Command::Libvirt(args) => libvirt(args),
+        Command::LibvirtClient(args) => libvirt_client(args),
         Command::Compare(args) => compare(args),
         Command::Soak(args) => soak(args),
     }
