@@ -36,7 +36,8 @@ typedef void (*vireo_libvirt_free_cb)(void *opaque);
 int vireo_libvirt_start(void);
 
 /* Stops that loop and joins its thread (remaining free callbacks run there). Close every
- * connection first: libvirt keeps the registration. 0, or -1 when none was started. */
+ * connection first: libvirt keeps the registration. 0, or -1 when none was started or
+ * when called from a callback (on the loop thread). */
 int vireo_libvirt_stop(void);
 
 /* 1 on the loop's thread during an iteration (inside a libvirt callback), else 0. */

@@ -162,10 +162,14 @@ fn start() -> c_int {
 /// Stops the loop started by [`vireo_libvirt_start`] and waits for its thread: every handle
 /// and timeout still registered is dropped there (their free callbacks run on it). libvirt
 /// keeps the registration, so close every connection first: afterwards adds return -1.
-/// Returns 0, or -1 when no loop was started.
+/// Returns 0, or -1 when no loop was started or when called on the loop thread (from a
+/// callback: the loop cannot wait for itself).
 #[unsafe(no_mangle)]
 pub extern "C" fn vireo_libvirt_stop() -> c_int {
     guarded(-1, || {
+        if vireo_libvirt_is_loop_thread() == 1 {
+            return fail("vireo_libvirt_stop was called on the loop thread, which it joins".into());
+        }
         let Some(running) = lock(&RUNNING).take() else {
             return fail("no loop was started".into());
         };
