@@ -28,7 +28,7 @@ pub mod kit;
 /// One conformance case, instantiated for one backend.
 #[derive(Debug, Clone, Copy)]
 pub struct Case {
-    /// The group (module of [`cases`]): `handles`, `lifecycle`, `local`, `threads`, `timers`.
+    /// The group (module of [`cases`]): `handles`, `lifecycle`, `local`, `signals`, `threads`, `timers`.
     pub group: &'static str,
     /// The case's name, unique across groups.
     pub name: &'static str,
@@ -212,6 +212,15 @@ macro_rules! __conformance_cases {
             local::local_state_of_another_loop_is_refused,
             local::local_state_moves_with_the_loop_and_drops_once,
             local::cyclic_local_state_hands_itself_to_its_callbacks,
+            signals::signal_wakes_a_blocked_loop,
+            signals::a_burst_of_signals_is_counted,
+            signals::signal_between_iterations_is_reported_next,
+            signals::every_watch_in_every_loop_hears_a_signal,
+            signals::removed_inside_its_callback_and_disposition_restored,
+            signals::removed_signal_watch_never_fires,
+            signals::unwatchable_signals_are_refused,
+            signals::child_exit_statuses_by_pidfd,
+            signals::child_exit_statuses_by_sigchld,
         ] }
     };
 }

@@ -41,7 +41,7 @@ pub fn local_state_is_shared_by_every_kind_of_callback<B: Backend>() {
 }
 
 /// Another thread is refused, also while the loop is blocked in an iteration, and so is the
-/// owner's thread between iterations without [`EventLoop::with_local`]. Nothing is touched.
+/// owner's thread between iterations without [`EventLoop::with_local`](vireo_core::EventLoop::with_local). Nothing is touched.
 pub fn local_state_is_refused_off_the_loop_thread<B: Backend>() {
     let mut lp = new_loop::<B>();
     let n = lp.handle().local(0u32);
@@ -110,7 +110,7 @@ fn lp_nested(n: &LoopLocal<u32>) -> Result<(), Error> {
 }
 
 /// State made by one loop's handle is refused to another loop, on its thread or through its
-/// [`EventLoop::with_local`].
+/// [`EventLoop::with_local`](vireo_core::EventLoop::with_local).
 pub fn local_state_of_another_loop_is_refused<B: Backend>() {
     let mut a = new_loop::<B>();
     let mut b = new_loop::<B>();

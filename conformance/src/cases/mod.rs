@@ -3,5 +3,6 @@
 pub mod handles;
 pub mod lifecycle;
 pub mod local;
+pub mod signals;
 pub mod threads;
 pub mod timers;
