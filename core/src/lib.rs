@@ -102,7 +102,10 @@
 //!   that fd's watches receive `ERROR` (every iteration, as the change is retried) and every
 //!   other fd is served as usual; `run_once` does not fail for it.
 //! - **Removal from another thread** waits for an invocation of that watch that is running on
-//!   the loop thread, so nothing of the watch runs once `remove_handle` returns.
+//!   the loop thread, so nothing of the watch runs once `remove_handle` returns
+//!   (`remove_handle_nowait` is libvirt's rule instead: no waiting, no new invocation).
+//! - **Signals and child processes** ([`signal`]) are watches on pipes and pidfds, so they
+//!   follow every rule above on every backend.
 //!
 //! # File descriptors
 //!

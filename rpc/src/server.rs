@@ -538,6 +538,12 @@ impl Server {
         self.event_loop.backend_name()
     }
 
+    /// The handle of the server's event loop, for sources of the program's own on the same
+    /// loop (signals, timers, child processes): `vireo-rpcd` handles its signals this way.
+    pub fn loop_handle(&self) -> &LoopHandle {
+        self.event_loop.handle()
+    }
+
     /// A handle that stops the server gracefully from any thread.
     pub fn shutdown_handle(&self) -> ShutdownHandle {
         ShutdownHandle {

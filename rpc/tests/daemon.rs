@@ -155,3 +155,26 @@ fn sigterm_under_load_answers_every_call_received() {
         assert!(sent > 0, "{kind}");
     }
 }
+
+/// Signals go through the event loop: SIGHUP is logged and ignored (the daemon keeps
+/// serving), SIGINT stops it gracefully like SIGTERM.
+#[test]
+fn sighup_is_ignored_and_sigint_stops() {
+    for kind in backends() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut child, _out, addr) = daemon(kind, dir.path(), None, &[]);
+        let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+        let mut c = Client::connect(&addr).expect("connect");
+        c.set_timeout(Some(PATIENCE)).unwrap();
+        rustix::process::kill_process(pid, rustix::process::Signal::HUP).expect("kill");
+        // Answers after the SIGHUP: a call after it is still served.
+        for _ in 0..3 {
+            assert_eq!(c.echo(b"hup").unwrap(), b"hup", "{kind}");
+        }
+        rustix::process::kill_process(pid, rustix::process::Signal::INT).expect("kill");
+        assert!(child.wait().unwrap().success(), "{kind}");
+        let log = stderr_of(&mut child);
+        assert!(log.contains("SIGHUP"), "{kind}: {log}");
+        assert!(log.contains("stopping"), "{kind}: {log}");
+    }
+}

@@ -4,13 +4,14 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use signal_hook::consts::{SIGINT, SIGTERM};
 use vireo_backends::Choice;
 use vireo_rpc::server::{ListenAddr, Server, ServerConfig, TEST_PANIC_PROCEDURE};
 
 /// The vireo RPC server: one event-loop thread for every socket, a worker pool for the calls.
 /// SIGINT or SIGTERM stops it gracefully: no new connections or calls, every call already
-/// received is answered and its reply flushed, then exit 0.
+/// received is answered and its reply flushed, then exit 0. SIGHUP is logged and ignored (the
+/// daemon has no configuration file to re-read and logs to stderr). Signals are handled on
+/// the event loop itself.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
@@ -102,16 +103,25 @@ fn main() -> anyhow::Result<()> {
     };
     let server = Server::bind(config).context("cannot start the server")?;
     let stop = server.shutdown_handle();
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
-        .context("cannot install signal handlers")?;
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            if let Some(sig) = signals.forever().next() {
-                tracing::info!(signal = sig, "stopping");
+    let (int, term, hup) = (
+        rustix::process::Signal::INT.as_raw(),
+        rustix::process::Signal::TERM.as_raw(),
+        rustix::process::Signal::HUP.as_raw(),
+    );
+    server
+        .loop_handle()
+        .add_signal(&[int, term, hup], move |_, _, info| {
+            if info.signal == hup {
+                tracing::info!(
+                    sender = ?info.pid,
+                    "SIGHUP: no configuration file to re-read and logs go to stderr; ignored"
+                );
+            } else {
+                tracing::info!(signal = info.signal, sender = ?info.pid, "stopping");
                 stop.shutdown();
             }
-        })?;
+        })
+        .context("cannot watch SIGINT, SIGTERM and SIGHUP")?;
     if args.enable_test_procedures {
         tracing::warn!(
             procedure = TEST_PANIC_PROCEDURE,
