@@ -62,8 +62,8 @@ pub use vireo_pool as pool;
 
 pub use vireo_backends::DefaultBackend;
 pub use vireo_core::{
-    Backend, Error, Events, Frequency, LoopHandle, LoopLocal, LoopStats, Readiness, TimerId, Token,
-    WatchId, WeakLoopLocal,
+    Backend, ChildId, Error, Events, Frequency, LoopHandle, LoopLocal, LoopStats, Readiness,
+    SignalId, SignalInfo, TimerId, Token, WatchId, WeakLoopLocal,
 };
 
 /// The event loop on [`DefaultBackend`], the best backend compiled in.

@@ -441,3 +441,74 @@ fn a_rebuild_that_cannot_get_a_new_instance_does_not_fail_the_loop() {
     run_until(&mut lp, "READABLE after the rebuild", || !log.is_empty());
     assert_eq!(log.take(), vec![Fired::Watch(id, Events::READABLE)]);
 }
+
+fn raise(sig: i32) {
+    // SAFETY: kill(2) on this process with a signal a watch of the test handles.
+    assert_eq!(unsafe { libc::kill(libc::getpid(), sig) }, 0);
+}
+
+#[test]
+fn a_refused_signal_pipe_registration_still_reports_every_signal() {
+    let (mut lp, script) = scripted();
+    let sig = libc::SIGRTMIN() + 7;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(0u32));
+    let sink = std::sync::Arc::clone(&seen);
+    // The pipe's registration fails: its watch hears ERROR until it lands, and a signal that
+    // arrived meanwhile is reported all the same.
+    script.fail_next(Op::Register, Errno::NOMEM);
+    lp.handle()
+        .add_signal(&[sig], move |_, _, info| {
+            *sink.lock().unwrap() += info.count
+        })
+        .unwrap();
+    raise(sig);
+    run_until(&mut lp, "the first signal", || *seen.lock().unwrap() == 1);
+    raise(sig);
+    run_until(&mut lp, "the second signal", || *seen.lock().unwrap() == 2);
+    assert_eq!(script.pending_faults(), 0);
+}
+
+#[test]
+fn a_failed_wait_loses_no_signal() {
+    let (mut lp, script) = scripted();
+    let sig = libc::SIGRTMIN() + 8;
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(0u32));
+    let sink = std::sync::Arc::clone(&seen);
+    lp.handle()
+        .add_signal(&[sig], move |_, _, info| {
+            *sink.lock().unwrap() += info.count
+        })
+        .unwrap();
+    raise(sig);
+    script.fail_next(Op::Wait, Errno::NOMEM);
+    assert!(lp.run_once_timeout(Duration::ZERO).is_err());
+    run_until(&mut lp, "the signal", || *seen.lock().unwrap() == 1);
+}
+
+#[test]
+fn a_refused_pidfd_registration_still_reports_the_exit() {
+    use std::os::unix::process::ExitStatusExt;
+    let (mut lp, script) = scripted();
+    let mut child = std::process::Command::new("sh")
+        .args(["-c", "read x; exit 5"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let sink = std::sync::Arc::clone(&status);
+    script.fail_next(Op::Register, Errno::NOSPC);
+    lp.handle()
+        .add_child_process(&child, move |_, _, s| *sink.lock().unwrap() = Some(s))
+        .unwrap();
+    // ERROR before the child exits reports nothing (it has no status yet).
+    run_iterations(&mut lp, 2);
+    assert!(status.lock().unwrap().is_none());
+    drop(child.stdin.take());
+    run_until(&mut lp, "the exit status", || {
+        status.lock().unwrap().is_some()
+    });
+    let s = status.lock().unwrap().unwrap();
+    assert_eq!(s.code(), Some(5));
+    assert_eq!(s.signal(), None);
+    assert!(child.try_wait().is_err(), "not reaped by the watch");
+}

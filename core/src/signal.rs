@@ -442,6 +442,23 @@ impl LoopHandle {
         self.child(pid, false, callback)
     }
 
+    /// [`add_child`](LoopHandle::add_child) for a [`std::process::Child`]: vireo reaps it, so
+    /// do not `wait` on the `Child` afterwards (its `try_wait` then fails with `ECHILD`).
+    ///
+    /// # Errors
+    ///
+    /// As [`add_child`](LoopHandle::add_child).
+    pub fn add_child_process<F>(
+        &self,
+        child: &std::process::Child,
+        callback: F,
+    ) -> Result<ChildId, Error>
+    where
+        F: FnOnce(&LoopHandle, ChildId, ExitStatus) + Send + 'static,
+    {
+        self.add_child(child.id(), callback)
+    }
+
     /// [`add_child`](LoopHandle::add_child) on the `SIGCHLD` fallback even where pidfds
     /// exist: for the conformance suite, which runs both mechanisms on every backend.
     #[doc(hidden)]

@@ -8,6 +8,8 @@
 //!   limits (per-client throttling, max clients, EMFILE back-off, keepalive, graceful stop).
 //! - [`client`]: a blocking client for one call at a time.
 //! - [`load`]: the load generator, many connections on one event-loop thread.
+//! - [`xdr`]: XDR as libvirt's RPC bodies use it (typed parameters, the error body), checked
+//!   against hostile input.
 //!
 //! Binaries: `vireo-rpcd` (the server), `vireo-rpc` (calls, admin and load), `vireo-demo` (the
 //! server on every compiled backend under load, one table each).
@@ -46,3 +48,4 @@ pub mod load;
 mod net;
 pub mod proto;
 pub mod server;
+pub mod xdr;

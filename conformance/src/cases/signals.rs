@@ -139,10 +139,14 @@ pub fn removed_inside_its_callback_and_disposition_restored<B: Backend>() {
     unsafe { libc::signal(sig, libc::SIG_IGN) };
     let calls = Arc::new(Mutex::new(0));
     let seen = Arc::clone(&calls);
+    let probe = DropProbe::new();
+    let (tracked, inside) = (probe.tracked(), probe.clone());
     lp.handle()
         .add_signal(&[sig], move |h, id, _| {
+            let _ = &tracked;
             *seen.lock().unwrap() += 1;
             h.remove_signal(id).unwrap();
+            assert_eq!(inside.drops(), 0, "dropped inside remove_signal");
         })
         .unwrap();
     assert_ne!(disposition(), libc::SIG_IGN, "no handler installed");
