@@ -33,8 +33,8 @@
 //! The sender reported is that of the last counted delivery, when the kernel says who sent it
 //! (`kill`, `sigqueue`, `tgkill`, and the child of a `SIGCHLD`).
 //!
-//! At most 128 signal watches (plus child watches on the fallback below) exist in a process
-//! at a time; their pipes are kept for reuse after removal, never closed, so that a handler
+//! At most 128 signal watches and `SIGCHLD`-fallback child watches (below) exist in a
+//! process at a time, together; their pipes are kept for reuse after removal, never closed, so that a handler
 //! running on another thread never writes into an fd number that was closed and reused.
 //!
 //! # Child processes
@@ -432,9 +432,10 @@ impl LoopHandle {
     ///
     /// # Errors
     ///
-    /// `ECHILD` when `pid` is not a child of this process that is still to be reaped,
-    /// `ESRCH` when it does not exist; the errors of [`add_signal`](LoopHandle::add_signal)
-    /// on the fallback; [`Error::Closed`].
+    /// `InvalidInput` for pid 0 or a pid above `i32::MAX`; `ECHILD` when `pid` is not a
+    /// child of this process that is still to be reaped (a pid that does not exist, one
+    /// already reaped, another process's child); the errors of
+    /// [`add_signal`](LoopHandle::add_signal) on the fallback; [`Error::Closed`].
     pub fn add_child<F>(&self, pid: u32, callback: F) -> Result<ChildId, Error>
     where
         F: FnOnce(&LoopHandle, ChildId, ExitStatus) + Send + 'static,

@@ -284,9 +284,15 @@ fn children<B: Backend>(sigchld: bool) {
         "the reported child was not reaped"
     );
     // Only children still to be reaped can be watched.
-    assert!(lp.handle().add_child(removed.id(), |_, _, _| {}).is_err());
-    assert!(lp.handle().add_child(1, |_, _, _| {}).is_err());
-    assert!(lp.handle().add_child(0, |_, _, _| {}).is_err());
+    let echild = |pid: u32| {
+        matches!(lp.handle().add_child(pid, |_, _, _| {}),
+            Err(Error::Io(e)) if e.raw_os_error() == Some(libc::ECHILD))
+    };
+    assert!(echild(removed.id()), "an already reaped child");
+    assert!(echild(1), "another process's child");
+    assert!(echild(i32::MAX as u32), "a pid that does not exist");
+    assert!(matches!(lp.handle().add_child(0, |_, _, _| {}),
+        Err(Error::Io(e)) if e.kind() == std::io::ErrorKind::InvalidInput));
 }
 
 /// Child processes through pidfds: an exit while watched, one before the watch, a kill by a
