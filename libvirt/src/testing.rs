@@ -193,6 +193,36 @@ impl SessionDaemon {
         self.dir.join("run/libvirt/libvirt-sock")
     }
 
+    /// Its admin socket (libvirt's admin program; only the daemon's uid may connect).
+    pub fn admin_socket(&self) -> PathBuf {
+        self.dir.join("run/libvirt/libvirt-admin-sock")
+    }
+
+    /// The uid the daemon runs as (65534 when the caller is root, else the caller's), which
+    /// its admin socket requires of clients.
+    pub fn uid(&self) -> u32 {
+        if is_root() {
+            NOBODY
+        } else {
+            rustix::process::geteuid().as_raw()
+        }
+    }
+
+    /// A command that runs `program` as the daemon's user (through `setpriv` when the caller
+    /// is root), for clients of its admin socket.
+    pub fn as_daemon_user(&self, program: &Path) -> Command {
+        if is_root() {
+            let mut c = Command::new("setpriv");
+            c.arg(format!("--reuid={NOBODY}"))
+                .arg(format!("--regid={NOBODY}"))
+                .arg("--clear-groups")
+                .arg(program);
+            c
+        } else {
+            Command::new(program)
+        }
+    }
+
     /// Its directory (removed when the value drops).
     pub fn dir(&self) -> &Path {
         &self.dir

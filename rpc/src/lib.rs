@@ -8,6 +8,8 @@
 //!   limits (per-client throttling, max clients, EMFILE back-off, keepalive, graceful stop).
 //! - [`client`]: a blocking client for one call at a time.
 //! - [`load`]: the load generator, many connections on one event-loop thread.
+//! - [`admin`]: a client of libvirt's admin program (what `virt-admin` speaks), for any
+//!   libvirt daemon's admin socket.
 //! - [`xdr`]: XDR as libvirt's RPC bodies use it (typed parameters, the error body), checked
 //!   against hostile input.
 //!
@@ -43,6 +45,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod admin;
 pub mod client;
 pub mod load;
 mod net;

@@ -32,6 +32,10 @@ enum Command {
     /// Inspect or change the server's worker pool (as virt-admin).
     #[command(subcommand)]
     Admin(Admin),
+    /// Speak libvirt's admin protocol (virt-admin's) to a daemon's admin socket: libvirtd's
+    /// (`$XDG_RUNTIME_DIR/libvirt/libvirt-admin-sock`, or /run/libvirt/libvirt-admin-sock). The
+    /// daemon accepts only clients of its own uid.
+    LibvirtAdmin(LibvirtAdmin),
     /// Drive the server with many connections and report throughput and latency.
     Load(LoadArgs),
 }
@@ -73,6 +77,79 @@ enum Admin {
         #[arg(long)]
         prio_workers: Option<u32>,
     },
+}
+
+#[derive(Debug, Args)]
+struct LibvirtAdmin {
+    /// The admin socket.
+    #[arg(long, value_name = "PATH")]
+    socket: std::path::PathBuf,
+    #[command(subcommand)]
+    command: LibvirtAdminCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum LibvirtAdminCommand {
+    /// The daemon's libvirt version.
+    Version,
+    /// The daemon's servers.
+    SrvList,
+    /// A server's worker pool (virt-admin srv-threadpool-info).
+    SrvThreadpoolInfo {
+        /// The server's name (libvirtd: libvirtd or admin).
+        server: String,
+    },
+    /// A server's client limits (virt-admin srv-clients-info).
+    SrvClientsInfo {
+        /// The server's name.
+        server: String,
+    },
+}
+
+fn libvirt_admin(args: LibvirtAdmin) -> anyhow::Result<()> {
+    use vireo_rpc::xdr::Value;
+    let mut admin = vireo_rpc::admin::AdminClient::connect(&args.socket).with_context(|| {
+        format!(
+            "cannot open the admin connection on {}",
+            args.socket.display()
+        )
+    })?;
+    let print = |params: Vec<vireo_rpc::xdr::TypedParam>| {
+        for p in params {
+            let value = match p.value {
+                Value::Int(v) => v.to_string(),
+                Value::UInt(v) => v.to_string(),
+                Value::LLong(v) => v.to_string(),
+                Value::ULLong(v) => v.to_string(),
+                Value::Double(v) => v.to_string(),
+                Value::Boolean(v) => if v { "yes" } else { "no" }.to_owned(),
+                Value::String(v) => v,
+            };
+            println!("{:<15}: {value}", p.field);
+        }
+    };
+    match args.command {
+        LibvirtAdminCommand::Version => {
+            let v = admin.lib_version()?;
+            println!(
+                "Running against daemon: {}.{}.{}",
+                v / 1_000_000,
+                (v / 1000) % 1000,
+                v % 1000
+            );
+        }
+        LibvirtAdminCommand::SrvList => {
+            for (i, name) in admin.list_servers()?.iter().enumerate() {
+                println!("{i:>2}  {name}");
+            }
+        }
+        LibvirtAdminCommand::SrvThreadpoolInfo { server } => {
+            print(admin.threadpool_parameters(&server)?)
+        }
+        LibvirtAdminCommand::SrvClientsInfo { server } => print(admin.client_limits(&server)?),
+    }
+    admin.close()?;
+    Ok(())
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -163,6 +240,7 @@ fn main() -> anyhow::Result<()> {
             println!("limits changed");
         }
         Command::Load(args) => load(cli.connect, args)?,
+        Command::LibvirtAdmin(args) => libvirt_admin(args)?,
     }
     Ok(())
 }
