@@ -45,6 +45,8 @@ use vireo_core::{
 };
 use vireo_pool::{LimitsError, Pool, SubmitError};
 
+mod admin_program;
+
 use crate::net::Stream;
 use crate::proto::{
     self, Frame, FrameReader, Header, KEEPALIVE_PING, KEEPALIVE_PONG, KEEPALIVE_PROGRAM,
@@ -155,6 +157,10 @@ pub struct ServerConfig {
     /// closes it and its reservation returns); clients sending smaller frames are never held
     /// up. Memory follows the bytes that arrived, not the reservations.
     pub max_buffered_input: usize,
+    /// A Unix socket for libvirt's admin program (what stock `virt-admin` speaks), served by
+    /// this server's loop: `None` (the default) serves none. Like libvirtd's, it accepts only
+    /// clients whose uid (`SO_PEERCRED`) is the server's; others are disconnected at once.
+    pub admin: Option<PathBuf>,
 }
 
 /// Bytes of a frame that any client may buffer without a reservation from
@@ -181,6 +187,7 @@ impl Default for ServerConfig {
             allow_set_limits: false,
             worker_ceiling: 64,
             max_buffered_input: 256 * 1024 * 1024,
+            admin: None,
         }
     }
 }
@@ -323,6 +330,8 @@ struct Client {
     rx_paused: bool,
     /// Bytes this client reserved from the input budget for the frame it assembles.
     rx_charged: usize,
+    /// A client of the admin socket: it speaks libvirt's admin program, not the server's.
+    admin: bool,
 }
 
 impl Client {
@@ -394,6 +403,8 @@ struct State {
     rx_total: usize,
     /// Clients paused for the input budget, as `(key, uid)`.
     rx_paused: Vec<(usize, u64)>,
+    /// Index in `listeners` of the admin socket's listener.
+    admin_listener: Option<usize>,
 }
 
 /// A bound server, ready to [`run`](Server::run).
@@ -403,6 +414,7 @@ pub struct Server {
     pool: Arc<Pool>,
     counters: Arc<Counters>,
     local: Vec<ListenAddr>,
+    admin_path: Option<PathBuf>,
     requested: Arc<AtomicBool>,
 }
 
@@ -468,6 +480,15 @@ impl Server {
             bound.push(listener);
             local.push(addr);
         }
+        let admin_path = config.admin.clone();
+        let admin_listener = match &config.admin {
+            Some(path) => {
+                let (listener, _) = Listener::bind(&ListenAddr::Unix(path.clone()))?;
+                bound.push(listener);
+                Some(bound.len() - 1)
+            }
+            None => None,
+        };
         let state = handle.local_cyclic(|me| State {
             me: me.clone(),
             handle: handle.clone(),
@@ -492,6 +513,7 @@ impl Server {
             summary: ServerSummary::default(),
             rx_total: 0,
             rx_paused: Vec::new(),
+            admin_listener,
         });
         let mut event_loop = event_loop;
         let strong = state.clone();
@@ -524,8 +546,14 @@ impl Server {
             pool,
             counters,
             local,
+            admin_path,
             requested: Arc::new(AtomicBool::new(false)),
         })
+    }
+
+    /// The admin socket's path, when [`ServerConfig::admin`] asked for one.
+    pub fn admin_path(&self) -> Option<&std::path::Path> {
+        self.admin_path.as_deref()
     }
 
     /// The addresses the server listens on, with the ports picked for `tcp:…:0`.
@@ -647,7 +675,13 @@ impl State {
             let accepted = self.listeners[index].0.accept();
             match accepted {
                 Ok((stream, peer)) => {
-                    if let Err(e) = self.add_client(h, stream, peer) {
+                    let admin = self.admin_listener == Some(index);
+                    if admin && !same_uid(&stream) {
+                        // libvirtd's rule for its admin socket: nobody else's uid.
+                        tracing::warn!(%peer, "admin socket: a client of another uid was refused");
+                        continue;
+                    }
+                    if let Err(e) = self.add_client(h, stream, peer, admin) {
                         tracing::warn!(error = %e, "cannot watch a new client");
                     }
                     self.check_limits(h);
@@ -719,7 +753,13 @@ impl State {
         }
     }
 
-    fn add_client(&mut self, h: &LoopHandle, stream: Stream, peer: String) -> io::Result<()> {
+    fn add_client(
+        &mut self,
+        h: &LoopHandle,
+        stream: Stream,
+        peer: String,
+        admin: bool,
+    ) -> io::Result<()> {
         let entry = self.clients.vacant_entry();
         let key = entry.key();
         let uid = self.next_uid;
@@ -748,6 +788,7 @@ impl State {
             eof: false,
             rx_paused: false,
             rx_charged: 0,
+            admin,
         });
         self.summary.clients_accepted += 1;
         self.counters.clients.store(self.clients.len(), SeqCst);
@@ -921,6 +962,9 @@ impl State {
             }
             // PONG (and anything else of the keepalive program) only proves the peer is alive.
             return Ok(());
+        }
+        if self.clients[key].admin {
+            return self.dispatch_admin(key, &frame);
         }
         self.summary.calls_received += 1;
         self.counters.calls_received.fetch_add(1, SeqCst);
@@ -1196,6 +1240,16 @@ impl State {
         self.clients
             .iter()
             .all(|(_, c)| c.in_flight == 0 && c.tx.is_empty())
+    }
+}
+
+/// Whether the peer of a Unix stream has this process's effective uid (`SO_PEERCRED`); a TCP
+/// stream never has.
+fn same_uid(stream: &Stream) -> bool {
+    match stream {
+        Stream::Unix(s) => rustix::net::sockopt::socket_peercred(s)
+            .is_ok_and(|c| c.uid == rustix::process::geteuid()),
+        Stream::Tcp(_) => false,
     }
 }
 

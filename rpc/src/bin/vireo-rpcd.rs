@@ -58,6 +58,13 @@ struct Args {
     /// past it reading pauses (nothing is dropped).
     #[arg(long, default_value_t = 256 * 1024 * 1024)]
     max_buffered_input: usize,
+    /// The admin socket, for stock virt-admin (libvirt's admin program; only clients of this
+    /// daemon's uid are accepted). Default: beside the first unix listen socket, NAME-admin.sock.
+    #[arg(long, value_name = "PATH")]
+    admin: Option<std::path::PathBuf>,
+    /// Serve no admin socket.
+    #[arg(long, conflicts_with = "admin")]
+    no_admin: bool,
     /// Answer a procedure that panics (fault-injection tests only).
     #[arg(long, hide = true)]
     enable_test_procedures: bool,
@@ -82,7 +89,13 @@ fn main() -> anyhow::Result<()> {
     if !(args.keepalive_interval >= 0.0 && args.keepalive_interval <= 1e9) {
         bail!("--keepalive-interval must be a number of seconds, from 0 to 1e9");
     }
+    let admin = if args.no_admin {
+        None
+    } else {
+        args.admin.clone().or_else(|| default_admin(&args.listen))
+    };
     let config = ServerConfig {
+        admin,
         listen: args.listen,
         backend,
         min_workers: args.min_workers,
@@ -132,6 +145,9 @@ fn main() -> anyhow::Result<()> {
     for addr in server.local_addrs() {
         println!("listening on {addr} (backend {})", server.backend_name());
     }
+    if let Some(path) = server.admin_path() {
+        println!("admin on unix:{}", path.display());
+    }
     let summary = server.run().context("the event loop failed")?;
     println!(
         "stopped: {} clients, {} calls received, {} replies sent, {} replies dropped",
@@ -141,4 +157,15 @@ fn main() -> anyhow::Result<()> {
         summary.replies_dropped
     );
     Ok(())
+}
+
+/// `DIR/NAME-admin.sock` beside the first unix listen socket `DIR/NAME.sock`.
+fn default_admin(listen: &[ListenAddr]) -> Option<std::path::PathBuf> {
+    listen.iter().find_map(|a| match a {
+        ListenAddr::Unix(p) => {
+            let stem = p.file_stem()?.to_string_lossy().into_owned();
+            Some(p.with_file_name(format!("{stem}-admin.sock")))
+        }
+        ListenAddr::Tcp(_) => None,
+    })
 }

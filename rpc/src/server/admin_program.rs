@@ -1,0 +1,238 @@
+//! libvirt's admin program (`0x06900690` v1) on the server's admin socket, for stock
+//! `virt-admin`: connection open/close, lib version, server list and lookup, threadpool
+//! parameters (get and set) and client limits (get), with libvirtd's parameter names, order,
+//! validation and error texts. Calls run on the loop thread: they only read or change the
+//! server's own state and the pool's limits.
+
+use vireo_pool::LimitsError;
+
+use super::{Close, State, kind};
+use crate::admin::{ADMIN_PROGRAM, ADMIN_VERSION, procedure};
+use crate::proto::{self, Frame, status};
+use crate::xdr::{Decoder, Encoder, TypedParam, Value, error_body};
+
+/// The one server a vireo daemon holds, as `virt-admin srv-list` shows it.
+pub(super) const SERVER_NAME: &str = "vireo";
+
+/// libvirt's `virErrorNumber`s and domains used here.
+const VIR_ERR_INTERNAL_ERROR: i32 = 1;
+const VIR_ERR_INVALID_ARG: i32 = 8;
+const VIR_ERR_NO_SERVER: i32 = 95;
+const VIR_FROM_NONE: i32 = 0;
+const VIR_FROM_RPC: i32 = 7;
+
+/// A failed call: libvirt's code, domain and message.
+type Failure = (i32, i32, String);
+
+fn malformed(e: impl std::fmt::Display) -> Failure {
+    (
+        VIR_ERR_INTERNAL_ERROR,
+        VIR_FROM_RPC,
+        format!("internal error: malformed arguments: {e}"),
+    )
+}
+
+fn invalid_arg(why: &str) -> Failure {
+    (
+        VIR_ERR_INVALID_ARG,
+        VIR_FROM_NONE,
+        format!("invalid argument: {why}"),
+    )
+}
+
+/// The server's name in a call (`admin_nonnull_server`), checked.
+fn server(d: &mut Decoder<'_>) -> Result<String, Failure> {
+    let name = d.string(4096).map_err(malformed)?;
+    if name != SERVER_NAME {
+        return Err((
+            VIR_ERR_NO_SERVER,
+            VIR_FROM_RPC,
+            format!("Server not found: No server named '{name}'"),
+        ));
+    }
+    Ok(name)
+}
+
+fn done(d: Decoder<'_>) -> Result<(), Failure> {
+    d.finish().map_err(malformed)
+}
+
+impl State {
+    /// Answers one frame of an admin client (keepalive was handled by the caller).
+    pub(super) fn dispatch_admin(&mut self, key: usize, frame: &Frame) -> Result<(), Close> {
+        let h = frame.header;
+        let result = if h.kind != kind::CALL {
+            Err((
+                VIR_ERR_INTERNAL_ERROR,
+                VIR_FROM_RPC,
+                format!("internal error: unexpected message type {}", h.kind),
+            ))
+        } else if h.program != ADMIN_PROGRAM || h.version != ADMIN_VERSION {
+            Err((
+                VIR_ERR_INTERNAL_ERROR,
+                VIR_FROM_RPC,
+                format!(
+                    "internal error: cannot find program {:#x} version {} on the admin socket",
+                    h.program, h.version
+                ),
+            ))
+        } else {
+            self.admin_call(h.procedure, &frame.payload)
+        };
+        let reply = match result {
+            Ok(body) => proto::encode_frame(&h.reply(status::OK), &body),
+            Err((code, domain, message)) => {
+                proto::encode_frame(&h.reply(status::ERROR), &error_body(code, domain, &message))
+            }
+        };
+        // Answered at once; counted like any reply so throttling and shutdown see it.
+        self.clients[key].in_flight += 1;
+        self.queue(key, reply, true)
+    }
+
+    fn admin_call(&mut self, proc_: u32, body: &[u8]) -> Result<Vec<u8>, Failure> {
+        let mut d = Decoder::new(body);
+        let mut out = Encoder::new();
+        match proc_ {
+            procedure::CONNECT_OPEN => {
+                let _flags = d.u32().map_err(malformed)?;
+                done(d)?;
+            }
+            procedure::CONNECT_CLOSE => done(d)?,
+            procedure::CONNECT_GET_LIB_VERSION => {
+                done(d)?;
+                out.u64(lib_version());
+            }
+            procedure::CONNECT_LIST_SERVERS => {
+                let need = d.u32().map_err(malformed)?;
+                let _flags = d.u32().map_err(malformed)?;
+                done(d)?;
+                let listed = usize::from(need > 0);
+                out.u32(listed as u32);
+                if listed > 0 {
+                    out.string(SERVER_NAME);
+                }
+                out.u32(1);
+            }
+            procedure::CONNECT_LOOKUP_SERVER => {
+                let name = server(&mut d)?;
+                let _flags = d.u32().map_err(malformed)?;
+                done(d)?;
+                out.string(&name);
+            }
+            procedure::SERVER_GET_THREADPOOL_PARAMETERS => {
+                server(&mut d)?;
+                let _flags = d.u32().map_err(malformed)?;
+                done(d)?;
+                let s = self.pool.stats();
+                let uint = |v: usize| Value::UInt(u32::try_from(v).unwrap_or(u32::MAX));
+                out.typed_params(&[
+                    TypedParam::new("minWorkers", uint(s.min_workers)),
+                    TypedParam::new("maxWorkers", uint(s.max_workers)),
+                    TypedParam::new("nWorkers", uint(s.workers)),
+                    TypedParam::new("freeWorkers", uint(s.free_workers)),
+                    TypedParam::new("prioWorkers", uint(s.prio_workers)),
+                    TypedParam::new("jobQueueDepth", uint(s.queue_depth)),
+                ]);
+            }
+            SERVER_SET_THREADPOOL_PARAMETERS => {
+                server(&mut d)?;
+                let params = d.typed_params(32).map_err(malformed)?;
+                let _flags = d.u32().map_err(malformed)?;
+                done(d)?;
+                self.set_threadpool(&params)?;
+            }
+            procedure::SERVER_GET_CLIENT_LIMITS => {
+                server(&mut d)?;
+                let _flags = d.u32().map_err(malformed)?;
+                done(d)?;
+                let clients = self.clients.iter().filter(|(_, c)| !c.admin).count();
+                let uint = |v: usize| Value::UInt(u32::try_from(v).unwrap_or(u32::MAX));
+                out.typed_params(&[
+                    TypedParam::new("nclients_max", uint(self.config.max_clients)),
+                    TypedParam::new("nclients", uint(clients)),
+                    // No authentication phase: every client is authenticated once accepted.
+                    TypedParam::new("nclients_unauth_max", uint(0)),
+                    TypedParam::new("nclients_unauth", uint(0)),
+                ]);
+            }
+            other => {
+                return Err((
+                    VIR_ERR_INTERNAL_ERROR,
+                    VIR_FROM_RPC,
+                    format!(
+                        "internal error: admin procedure {other} is not supported by vireo-rpcd"
+                    ),
+                ));
+            }
+        }
+        Ok(out.into_bytes())
+    }
+
+    /// libvirt's `adminServerSetThreadPoolParameters`: `minWorkers`, `maxWorkers` and
+    /// `prioWorkers` (unsigned ints), each optional; the others keep their values.
+    fn set_threadpool(&mut self, params: &[TypedParam]) -> Result<(), Failure> {
+        let mut limits = [None; 3];
+        for p in params {
+            let slot = match p.field.as_str() {
+                "minWorkers" => 0,
+                "maxWorkers" => 1,
+                "prioWorkers" => 2,
+                other => {
+                    return Err(invalid_arg(&format!("parameter '{other}' not supported")));
+                }
+            };
+            let Value::UInt(v) = p.value else {
+                return Err(invalid_arg(&format!(
+                    "invalid type for parameter '{}'",
+                    p.field
+                )));
+            };
+            limits[slot] = Some(v as usize);
+        }
+        // libvirt checks the resulting minimum against the resulting maximum first.
+        let now = self.pool.stats();
+        let (min, max) = (
+            limits[0].unwrap_or(now.min_workers),
+            limits[1].unwrap_or(now.max_workers),
+        );
+        if min > max {
+            return Err(invalid_arg("minWorkers cannot be larger than maxWorkers"));
+        }
+        let ceiling = self.ctx.worker_ceiling;
+        if let Some(n) = limits.iter().flatten().copied().find(|&n| n > ceiling) {
+            return Err(invalid_arg(&format!(
+                "worker limit {n} is above this server's ceiling of {ceiling}"
+            )));
+        }
+        match self.pool.set_limits(limits[0], limits[1], limits[2]) {
+            Ok(()) => Ok(()),
+            Err(LimitsError::MinAboveMax { .. }) => {
+                Err(invalid_arg("minWorkers cannot be larger than maxWorkers"))
+            }
+            Err(LimitsError::NoWorkers) => Err(invalid_arg(
+                "maxWorkers must not be switched from zero to non-zero and vice versa",
+            )),
+            Err(e) => Err((
+                VIR_ERR_INTERNAL_ERROR,
+                VIR_FROM_NONE,
+                format!("internal error: cannot change the limits: {e}"),
+            )),
+        }
+    }
+}
+
+/// `SERVER_SET_THREADPOOL_PARAMETERS`.
+const SERVER_SET_THREADPOOL_PARAMETERS: u32 = 7;
+
+/// This crate's version in libvirt's encoding (`major * 1_000_000 + minor * 1000 + micro`).
+fn lib_version() -> u64 {
+    let part = |s: &str| s.parse::<u64>().unwrap_or(0);
+    let mut v = env!("CARGO_PKG_VERSION").split('.');
+    let (major, minor, micro) = (
+        part(v.next().unwrap_or("0")),
+        part(v.next().unwrap_or("0")),
+        part(v.next().unwrap_or("0")),
+    );
+    major * 1_000_000 + minor * 1000 + micro
+}

@@ -1,0 +1,254 @@
+//! Stock `virt-admin` (Debian's libvirt-clients) manages `vireo-rpcd` through its admin socket:
+//! the values it prints are the pool's and the server's, read back after each change, with
+//! libvirtd's field names in libvirtd's order (checked against a real libvirtd in the same test
+//! when one can run). Skipped without virt-admin unless VIREO_REQUIRE_LIBVIRT=1.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+use vireo_libvirt::testing::{self, SessionDaemon};
+use vireo_rpc::client::Client;
+use vireo_rpc::server::ListenAddr;
+
+fn fields(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect()
+}
+
+fn keys(f: &[(String, String)]) -> Vec<String> {
+    f.iter().map(|(k, _)| k.clone()).collect()
+}
+
+fn value(f: &[(String, String)], key: &str) -> String {
+    f.iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.clone())
+        .unwrap_or_else(|| panic!("no {key} in {f:?}"))
+}
+
+struct Daemon {
+    child: Child,
+    admin: PathBuf,
+    public: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn vireo_rpcd() -> Daemon {
+    let dir = tempfile::tempdir().unwrap();
+    let public = dir.path().join("d.sock");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vireo-rpcd"))
+        .arg("--listen")
+        .arg(format!("unix:{}", public.display()))
+        .args(["--min-workers", "2", "--keepalive-interval", "0"])
+        .env("VIREO_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(dir.path().join("log")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut admin = None;
+    let mut line = String::new();
+    while admin.is_none() {
+        line.clear();
+        assert!(out.read_line(&mut line).unwrap() > 0, "vireo-rpcd stopped");
+        admin = line
+            .trim()
+            .strip_prefix("admin on unix:")
+            .map(PathBuf::from);
+    }
+    let admin = admin.unwrap();
+    assert_eq!(
+        admin,
+        dir.path().join("d-admin.sock"),
+        "the default admin path"
+    );
+    Daemon {
+        child,
+        admin,
+        public,
+        _dir: dir,
+    }
+}
+
+fn virt_admin(socket: &Path, args: &[&str]) -> Output {
+    Command::new("timeout")
+        .args(["30", "virt-admin", "-c"])
+        .arg(format!("libvirtd:///system?socket={}", socket.display()))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn err(out: Output) -> String {
+    assert!(
+        !out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8(out.stderr).unwrap()
+}
+
+#[test]
+fn stock_virt_admin_manages_vireo_rpcd() {
+    let missing = (!Path::new("/usr/bin/virt-admin").exists())
+        .then(|| "/usr/bin/virt-admin (libvirt-clients)".to_owned());
+    if !testing::ready_or_skip("virt-admin against vireo-rpcd", missing) {
+        return;
+    }
+    let d = vireo_rpcd();
+    let admin = |args: &[&str]| virt_admin(&d.admin, args);
+
+    let list = ok(admin(&["srv-list"]));
+    assert!(
+        list.lines()
+            .any(|l| l.split_whitespace().nth(1) == Some("vireo")),
+        "{list}"
+    );
+
+    let pool = fields(&ok(admin(&["srv-threadpool-info", "vireo"])));
+    assert_eq!(
+        keys(&pool),
+        [
+            "minWorkers",
+            "maxWorkers",
+            "nWorkers",
+            "freeWorkers",
+            "prioWorkers",
+            "jobQueueDepth"
+        ]
+    );
+    assert_eq!(value(&pool, "minWorkers"), "2");
+    assert_eq!(value(&pool, "maxWorkers"), "20");
+    assert_eq!(value(&pool, "prioWorkers"), "5");
+
+    ok(admin(&[
+        "srv-threadpool-set",
+        "vireo",
+        "--min-workers",
+        "3",
+        "--max-workers",
+        "8",
+    ]));
+    let pool = fields(&ok(admin(&["srv-threadpool-info", "vireo"])));
+    assert_eq!(value(&pool, "minWorkers"), "3");
+    assert_eq!(value(&pool, "maxWorkers"), "8");
+    assert_eq!(
+        value(&pool, "nWorkers"),
+        "3",
+        "the pool grew to the new minimum"
+    );
+
+    let e = err(admin(&[
+        "srv-threadpool-set",
+        "vireo",
+        "--min-workers",
+        "9",
+    ]));
+    assert!(
+        e.contains("invalid argument: minWorkers cannot be larger than maxWorkers"),
+        "{e}"
+    );
+    let pool = fields(&ok(admin(&["srv-threadpool-info", "vireo"])));
+    assert_eq!(
+        value(&pool, "minWorkers"),
+        "3",
+        "a refused change changed something"
+    );
+
+    // One client on the public socket is counted; admin clients are not.
+    let mut client = Client::connect(&ListenAddr::Unix(d.public.clone())).unwrap();
+    assert_eq!(client.echo(b"x").unwrap(), b"x");
+    let limits = fields(&ok(admin(&["srv-clients-info", "vireo"])));
+    assert_eq!(
+        keys(&limits),
+        [
+            "nclients_max",
+            "nclients",
+            "nclients_unauth_max",
+            "nclients_unauth"
+        ]
+    );
+    assert_eq!(value(&limits, "nclients_max"), "5000");
+    assert_eq!(value(&limits, "nclients"), "1");
+    drop(client);
+
+    let e = err(admin(&["srv-threadpool-info", "nosuch"]));
+    assert!(
+        e.contains("Server not found: No server named 'nosuch'"),
+        "{e}"
+    );
+    let version = ok(admin(&["version"]));
+    assert!(
+        version.contains("Running against daemon: 0.1.0"),
+        "{version}"
+    );
+
+    // Another uid is refused even when the socket's mode lets it connect.
+    if rustix::process::geteuid().is_root() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = d.admin.parent().unwrap();
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&d.admin, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let out = Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "virt-admin",
+                "-c",
+            ])
+            .arg(format!("libvirtd:///system?socket={}", d.admin.display()))
+            .arg("srv-list")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "another uid was served");
+        let log = std::fs::read_to_string(dir.join("log")).unwrap();
+        assert!(log.contains("a client of another uid was refused"), "{log}");
+    }
+
+    // The same commands against a real libvirtd: the same field names in the same order.
+    if testing::missing(&[]).is_none() {
+        let real = SessionDaemon::start("").unwrap_or_else(|e| panic!("{e}"));
+        let theirs = |args: &[&str]| {
+            let mut c = real.as_daemon_user(Path::new("/usr/bin/virt-admin"));
+            c.arg("-c")
+                .arg(format!(
+                    "libvirtd:///session?socket={}",
+                    real.admin_socket().display()
+                ))
+                .args(args);
+            fields(&ok(c.output().unwrap()))
+        };
+        assert_eq!(
+            keys(&theirs(&["srv-threadpool-info", "libvirtd"])),
+            keys(&pool),
+            "threadpool fields differ from libvirtd's"
+        );
+        assert_eq!(
+            keys(&theirs(&["srv-clients-info", "libvirtd"])),
+            keys(&limits),
+            "client-limit fields differ from libvirtd's"
+        );
+    }
+}
