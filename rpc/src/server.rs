@@ -157,8 +157,9 @@ pub struct ServerConfig {
     /// closes it and its reservation returns); clients sending smaller frames are never held
     /// up. Memory follows the bytes that arrived, not the reservations.
     pub max_buffered_input: usize,
-    /// A Unix socket for libvirt's admin program (what stock `virt-admin` speaks), served by
-    /// this server's loop: `None` (the default) serves none. Like libvirtd's, it accepts only
+    /// A Unix socket for libvirt's admin program (what stock `virt-admin` speaks: the server
+    /// `vireo`, its threadpool, client limits and clients), served by this server's loop:
+    /// `None` (the default) serves none. Like libvirtd's, it accepts only
     /// clients whose uid (`SO_PEERCRED`) is the server's; others are disconnected at once.
     pub admin: Option<PathBuf>,
 }
@@ -332,9 +333,49 @@ struct Client {
     rx_charged: usize,
     /// A client of the admin socket: it speaks libvirt's admin program, not the server's.
     admin: bool,
+    /// When it connected, in seconds since the Unix epoch (libvirt's client timestamp).
+    connected: i64,
+    /// The peer's uid, gid and pid (`SO_PEERCRED`), for a Unix client.
+    cred: Option<(u32, u32, i32)>,
 }
 
 impl Client {
+    /// libvirt's transport number: 0 unix, 1 tcp.
+    fn transport(&self) -> u32 {
+        match self.stream {
+            Stream::Unix(_) => 0,
+            Stream::Tcp(_) => 1,
+        }
+    }
+
+    /// libvirt's client information, in libvirtd's order: `readonly`, then for a Unix client
+    /// `unix_user_id`, `unix_user_name`, `unix_group_id`, `unix_group_name`,
+    /// `unix_process_id`; for TCP the peer's address as `sock_addr`.
+    fn info(&self) -> Vec<crate::xdr::TypedParam> {
+        use crate::xdr::{TypedParam, Value};
+        let mut p = vec![TypedParam::new("readonly", Value::Boolean(false))];
+        match self.cred {
+            Some((uid, gid, pid)) => {
+                p.push(TypedParam::new("unix_user_id", Value::Int(uid as i32)));
+                p.push(TypedParam::new(
+                    "unix_user_name",
+                    Value::String(user_name(uid)),
+                ));
+                p.push(TypedParam::new("unix_group_id", Value::Int(gid as i32)));
+                p.push(TypedParam::new(
+                    "unix_group_name",
+                    Value::String(group_name(gid)),
+                ));
+                p.push(TypedParam::new("unix_process_id", Value::Int(pid)));
+            }
+            None => {
+                let addr = self.peer.strip_prefix("tcp:").unwrap_or(&self.peer);
+                p.push(TypedParam::new("sock_addr", Value::String(addr.to_owned())));
+            }
+        }
+        p
+    }
+
     /// Calls still in the workers: the client waits on the server, so its silence (it is
     /// not read while throttled) says nothing about whether it is alive.
     fn awaiting_replies(&self) -> bool {
@@ -763,6 +804,7 @@ impl State {
         let entry = self.clients.vacant_entry();
         let key = entry.key();
         let uid = self.next_uid;
+        let cred = peer_cred(&stream);
         let state = self
             .me
             .upgrade()
@@ -789,6 +831,10 @@ impl State {
             rx_paused: false,
             rx_charged: 0,
             admin,
+            connected: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64),
+            cred,
         });
         self.summary.clients_accepted += 1;
         self.counters.clients.store(self.clients.len(), SeqCst);
@@ -1243,6 +1289,16 @@ impl State {
     }
 }
 
+/// The peer's uid, gid and pid (`SO_PEERCRED`) of a Unix stream.
+fn peer_cred(stream: &Stream) -> Option<(u32, u32, i32)> {
+    match stream {
+        Stream::Unix(s) => rustix::net::sockopt::socket_peercred(s)
+            .ok()
+            .map(|c| (c.uid.as_raw(), c.gid.as_raw(), c.pid.as_raw_nonzero().get())),
+        Stream::Tcp(_) => None,
+    }
+}
+
 /// Whether the peer of a Unix stream has this process's effective uid (`SO_PEERCRED`); a TCP
 /// stream never has.
 fn same_uid(stream: &Stream) -> bool {
@@ -1251,6 +1307,43 @@ fn same_uid(stream: &Stream) -> bool {
             .is_ok_and(|c| c.uid == rustix::process::geteuid()),
         Stream::Tcp(_) => false,
     }
+}
+
+/// A user's name (`getpwuid_r`), or the number when it has none.
+fn user_name(uid: u32) -> String {
+    let mut buf = vec![0 as libc::c_char; 4096];
+    // SAFETY: getpwuid_r writes into `pwd` and `buf` (both valid for its use, `buf.len()`
+    // bytes) and sets `result` to `&pwd` or NULL; `pw_name` points into `buf`, read at once.
+    unsafe {
+        let mut pwd: libc::passwd = std::mem::zeroed();
+        let mut result = std::ptr::null_mut();
+        if libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result) == 0
+            && !result.is_null()
+        {
+            return std::ffi::CStr::from_ptr(pwd.pw_name)
+                .to_string_lossy()
+                .into_owned();
+        }
+    }
+    uid.to_string()
+}
+
+/// A group's name (`getgrgid_r`), or the number when it has none.
+fn group_name(gid: u32) -> String {
+    let mut buf = vec![0 as libc::c_char; 4096];
+    // SAFETY: as for `getpwuid_r` above.
+    unsafe {
+        let mut grp: libc::group = std::mem::zeroed();
+        let mut result = std::ptr::null_mut();
+        if libc::getgrgid_r(gid, &mut grp, buf.as_mut_ptr(), buf.len(), &mut result) == 0
+            && !result.is_null()
+        {
+            return std::ffi::CStr::from_ptr(grp.gr_name)
+                .to_string_lossy()
+                .into_owned();
+        }
+    }
+    gid.to_string()
 }
 
 fn is_fd_exhaustion(errno: i32) -> bool {

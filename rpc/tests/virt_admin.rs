@@ -191,7 +191,67 @@ fn stock_virt_admin_manages_vireo_rpcd() {
     );
     assert_eq!(value(&limits, "nclients_max"), "5000");
     assert_eq!(value(&limits, "nclients"), "1");
-    drop(client);
+
+    // That client in the list, its information, and its disconnection.
+    let listed = ok(admin(&["srv-clients-list", "vireo"]));
+    let row = listed
+        .lines()
+        .find(|l| l.contains("unix"))
+        .unwrap_or_else(|| panic!("no unix client in {listed}"));
+    let id = row.split_whitespace().next().unwrap().to_owned();
+    let info = fields(&ok(admin(&["client-info", "vireo", &id])));
+    let names = keys(&info);
+    let params: Vec<&str> = names
+        .iter()
+        .map(String::as_str)
+        .skip_while(|k| *k != "readonly")
+        .collect();
+    assert_eq!(
+        params,
+        [
+            "readonly",
+            "unix_user_id",
+            "unix_user_name",
+            "unix_group_id",
+            "unix_group_name",
+            "unix_process_id"
+        ],
+        "{info:?}"
+    );
+    assert_eq!(
+        value(&info, "unix_user_id"),
+        rustix::process::getuid().as_raw().to_string()
+    );
+    assert_eq!(
+        value(&info, "unix_process_id"),
+        std::process::id().to_string()
+    );
+    assert_eq!(value(&info, "readonly"), "no");
+    let gone = ok(admin(&["client-disconnect", "vireo", &id]));
+    assert!(
+        gone.contains(&format!("Client '{id}' disconnected")),
+        "{gone}"
+    );
+    assert!(
+        client.echo(b"x").is_err(),
+        "the disconnected client was still served"
+    );
+    let limits = fields(&ok(admin(&["srv-clients-info", "vireo"])));
+    assert_eq!(value(&limits, "nclients"), "0");
+    let e = err(admin(&["client-info", "vireo", &id]));
+    assert!(
+        e.contains(&format!("No client with matching ID '{id}'")),
+        "{e}"
+    );
+
+    // Client limits: set, read back, and a refused value.
+    ok(admin(&["srv-clients-set", "vireo", "--max-clients", "10"]));
+    let limits = fields(&ok(admin(&["srv-clients-info", "vireo"])));
+    assert_eq!(value(&limits, "nclients_max"), "10");
+    let e = err(admin(&["srv-clients-set", "vireo", "--max-clients", "0"]));
+    assert!(e.contains("invalid argument"), "{e}");
+    let limits = fields(&ok(admin(&["srv-clients-info", "vireo"])));
+    assert_eq!(value(&limits, "nclients_max"), "10");
 
     let e = err(admin(&["srv-threadpool-info", "nosuch"]));
     assert!(

@@ -1,7 +1,8 @@
 //! libvirt's admin program (`0x06900690` v1) on the server's admin socket, for stock
 //! `virt-admin`: connection open/close, lib version, server list and lookup, threadpool
-//! parameters (get and set) and client limits (get), with libvirtd's parameter names, order,
-//! validation and error texts. Calls run on the loop thread: they only read or change the
+//! parameters (get and set), client limits (get and set), client list, lookup, information
+//! and close, with libvirtd's parameter names, order, validation and error texts. Logging
+//! (procedures 14-17) and the daemon timeout (19) are answered with an error. Calls run on the loop thread: they only read or change the
 //! server's own state and the pool's limits.
 
 use vireo_pool::LimitsError;
@@ -142,6 +143,57 @@ impl State {
                 done(d)?;
                 self.set_threadpool(&params)?;
             }
+            SERVER_LIST_CLIENTS => {
+                server(&mut d)?;
+                let need = d.u32().map_err(malformed)?;
+                let _flags = d.u32().map_err(malformed)?;
+                done(d)?;
+                let clients: Vec<(u64, i64, u32)> = self
+                    .clients
+                    .iter()
+                    .filter(|(_, c)| !c.admin)
+                    .map(|(_, c)| (c.uid, c.connected, c.transport()))
+                    .collect();
+                let listed = clients.len().min(need as usize);
+                out.u32(listed as u32);
+                for &(id, ts, transport) in &clients[..listed] {
+                    out.string(SERVER_NAME).u64(id).i64(ts).u32(transport);
+                }
+                out.u32(clients.len() as u32);
+            }
+            SERVER_LOOKUP_CLIENT => {
+                server(&mut d)?;
+                let id = d.u64().map_err(malformed)?;
+                let _flags = d.u32().map_err(malformed)?;
+                done(d)?;
+                let key = self.client_by_id(id)?;
+                let c = &self.clients[key];
+                out.string(SERVER_NAME)
+                    .u64(c.uid)
+                    .i64(c.connected)
+                    .u32(c.transport());
+            }
+            CLIENT_GET_INFO => {
+                let key = client_ref(&mut d).and_then(|id| self.client_by_id(id))?;
+                let _flags = d.u32().map_err(malformed)?;
+                done(d)?;
+                out.typed_params(&self.clients[key].info());
+            }
+            CLIENT_CLOSE => {
+                let key = client_ref(&mut d).and_then(|id| self.client_by_id(id))?;
+                let _flags = d.u32().map_err(malformed)?;
+                done(d)?;
+                self.close(key, Close::Gone("closed by the admin socket".into()));
+                let h = self.handle.clone();
+                self.check_limits(&h);
+            }
+            SERVER_SET_CLIENT_LIMITS => {
+                server(&mut d)?;
+                let params = d.typed_params(32).map_err(malformed)?;
+                let _flags = d.u32().map_err(malformed)?;
+                done(d)?;
+                self.set_client_limits(&params)?;
+            }
             procedure::SERVER_GET_CLIENT_LIMITS => {
                 server(&mut d)?;
                 let _flags = d.u32().map_err(malformed)?;
@@ -222,8 +274,82 @@ impl State {
     }
 }
 
-/// `SERVER_SET_THREADPOOL_PARAMETERS`.
+/// `SERVER_SET_THREADPOOL_PARAMETERS { server, typed_param params<32>, u32 flags }`.
 const SERVER_SET_THREADPOOL_PARAMETERS: u32 = 7;
+/// `SERVER_LIST_CLIENTS { server, u32 need_results, u32 flags }` -> clients, count.
+const SERVER_LIST_CLIENTS: u32 = 8;
+/// `SERVER_LOOKUP_CLIENT { server, u64 id, u32 flags }` -> client.
+const SERVER_LOOKUP_CLIENT: u32 = 9;
+/// `CLIENT_GET_INFO { client, u32 flags }` -> typed parameters.
+const CLIENT_GET_INFO: u32 = 10;
+/// `CLIENT_CLOSE { client, u32 flags }`.
+const CLIENT_CLOSE: u32 = 11;
+/// `SERVER_SET_CLIENT_LIMITS { server, typed_param params<32>, u32 flags }`.
+const SERVER_SET_CLIENT_LIMITS: u32 = 13;
+const VIR_ERR_NO_CLIENT: i32 = 96;
+
+/// An `admin_nonnull_client` in a call: its server (checked) and id; the timestamp and
+/// transport are the caller's copy and are not trusted.
+fn client_ref(d: &mut Decoder<'_>) -> Result<u64, Failure> {
+    server(d)?;
+    let id = d.u64().map_err(malformed)?;
+    let _timestamp = d.i64().map_err(malformed)?;
+    let _transport = d.u32().map_err(malformed)?;
+    Ok(id)
+}
+
+impl State {
+    /// The key of the (non-admin) client with libvirt id `id`.
+    fn client_by_id(&self, id: u64) -> Result<usize, Failure> {
+        self.clients
+            .iter()
+            .find(|(_, c)| c.uid == id && !c.admin)
+            .map(|(k, _)| k)
+            .ok_or_else(|| {
+                (
+                    VIR_ERR_NO_CLIENT,
+                    VIR_FROM_RPC,
+                    format!("Client not found: No client with matching ID '{id}'"),
+                )
+            })
+    }
+
+    /// libvirt's `virNetServerSetClientLimits`: `nclients_max` and `nclients_unauth_max`
+    /// (unsigned ints). vireo has no authentication phase, so the unauthenticated maximum is
+    /// 0 and may only be set to 0.
+    fn set_client_limits(&mut self, params: &[TypedParam]) -> Result<(), Failure> {
+        let mut max = None;
+        for p in params {
+            let Value::UInt(v) = p.value else {
+                return Err(invalid_arg(&format!(
+                    "invalid type for parameter '{}'",
+                    p.field
+                )));
+            };
+            match p.field.as_str() {
+                "nclients_max" => max = Some(v as usize),
+                "nclients_unauth_max" if v == 0 => {}
+                "nclients_unauth_max" => {
+                    return Err(invalid_arg(
+                        "nclients_unauth_max must be 0: vireo-rpcd has no authentication phase",
+                    ));
+                }
+                other => {
+                    return Err(invalid_arg(&format!("parameter '{other}' not supported")));
+                }
+            }
+        }
+        if let Some(max) = max {
+            if max == 0 {
+                return Err(invalid_arg("nclients_max must be at least 1"));
+            }
+            self.config.max_clients = max;
+            let h = self.handle.clone();
+            self.check_limits(&h);
+        }
+        Ok(())
+    }
+}
 
 /// This crate's version in libvirt's encoding (`major * 1_000_000 + minor * 1000 + micro`).
 fn lib_version() -> u64 {
