@@ -162,6 +162,31 @@ pub struct ServerConfig {
     /// `None` (the default) serves none. Like libvirtd's, it accepts only
     /// clients whose uid (`SO_PEERCRED`) is the server's; others are disconnected at once.
     pub admin: Option<PathBuf>,
+    /// What the admin socket's logging procedures change (`virt-admin daemon-log-filters`,
+    /// `daemon-log-outputs`): the daemon's own logging, which the server does not own. `None`
+    /// answers them with an error.
+    pub logging: Option<Arc<dyn LoggingControl>>,
+}
+
+/// The daemon's logging, as libvirt's admin program sees it: filters and outputs as strings in
+/// the daemon's syntax, read and replaced at run time.
+pub trait LoggingControl: Send + Sync + fmt::Debug {
+    /// The filters now (empty for the default).
+    fn filters(&self) -> String;
+    /// Replaces the filters (`None` or empty: back to the default).
+    ///
+    /// # Errors
+    ///
+    /// The text of why `filters` was refused (shown by virt-admin after `invalid argument: `).
+    fn set_filters(&self, filters: Option<&str>) -> Result<(), String>;
+    /// The outputs now.
+    fn outputs(&self) -> String;
+    /// Replaces the outputs.
+    ///
+    /// # Errors
+    ///
+    /// As [`set_filters`](LoggingControl::set_filters).
+    fn set_outputs(&self, outputs: Option<&str>) -> Result<(), String>;
 }
 
 /// Bytes of a frame that any client may buffer without a reservation from
@@ -189,6 +214,7 @@ impl Default for ServerConfig {
             worker_ceiling: 64,
             max_buffered_input: 256 * 1024 * 1024,
             admin: None,
+            logging: None,
         }
     }
 }

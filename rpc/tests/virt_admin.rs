@@ -264,6 +264,35 @@ fn stock_virt_admin_manages_vireo_rpcd() {
         "{version}"
     );
 
+    // Logging: the filters are the daemon's tracing filter, replaced at run time.
+    let log = d.admin.parent().unwrap().join("log");
+    let filters = ok(admin(&["daemon-log-filters"]));
+    assert_eq!(filters.trim(), "Logging filters:", "{filters}");
+    let outputs = ok(admin(&["daemon-log-outputs"]));
+    assert!(outputs.contains("1:stderr"), "{outputs}");
+    let debug_lines = || {
+        std::fs::read_to_string(&log)
+            .unwrap()
+            .matches("client connected")
+            .count()
+    };
+    assert_eq!(
+        debug_lines(),
+        0,
+        "debug lines before the filter allowed them"
+    );
+    ok(admin(&["daemon-log-filters", "1:vireo_rpc"]));
+    let filters = ok(admin(&["daemon-log-filters"]));
+    assert!(filters.contains("1:vireo_rpc"), "{filters}");
+    let mut c = Client::connect(&ListenAddr::Unix(d.public.clone())).unwrap();
+    assert_eq!(c.echo(b"y").unwrap(), b"y");
+    // The debug line is written before the reply; stderr is unbuffered.
+    assert!(debug_lines() >= 1, "the new filter did not take effect");
+    let e = err(admin(&["daemon-log-filters", "bad[[["]));
+    assert!(e.contains("invalid argument: bad logging filters"), "{e}");
+    let e = err(admin(&["daemon-log-outputs", "1:file:/tmp/elsewhere"]));
+    assert!(e.contains("invalid argument"), "{e}");
+
     // Another uid is refused even when the socket's mode lets it connect.
     if rustix::process::geteuid().is_root() {
         use std::os::unix::fs::PermissionsExt;

@@ -71,13 +71,7 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("VIREO_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let logging = Logging::init();
     let args = Args::parse();
     let backend: Choice = args.backend.parse()?;
     if args.max_message_size > vireo_rpc::proto::MAX_MESSAGE || args.max_message_size < 24 {
@@ -96,6 +90,7 @@ fn main() -> anyhow::Result<()> {
     };
     let config = ServerConfig {
         admin,
+        logging: Some(logging),
         listen: args.listen,
         backend,
         min_workers: args.min_workers,
@@ -168,4 +163,103 @@ fn default_admin(listen: &[ListenAddr]) -> Option<std::path::PathBuf> {
         }
         ListenAddr::Tcp(_) => None,
     })
+}
+
+/// The daemon's logging (stderr), whose filter the admin socket replaces at run time
+/// (`virt-admin daemon-log-filters`).
+#[derive(Debug)]
+struct Logging {
+    reload: tracing_subscriber::reload::Handle<
+        tracing_subscriber::EnvFilter,
+        tracing_subscriber::Registry,
+    >,
+    /// The filters as last set through the admin socket (empty: `VIREO_LOG` or `info`).
+    filters: std::sync::Mutex<String>,
+}
+
+/// What `VIREO_LOG` says, or `info`.
+fn default_filter() -> tracing_subscriber::EnvFilter {
+    tracing_subscriber::EnvFilter::try_from_env("VIREO_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+}
+
+/// libvirt's filter syntax (`LEVEL:MATCH ...`, levels 1 debug, 2 info, 3 warning, 4 error)
+/// as tracing directives: `MATCH` is a tracing target prefix (`vireo_rpc::server`), `*` every
+/// target. Anything else is taken as tracing's own directive syntax.
+fn directives(filters: &str) -> String {
+    let level = |n: &str| match n {
+        "1" => Some("debug"),
+        "2" => Some("info"),
+        "3" => Some("warn"),
+        "4" => Some("error"),
+        _ => None,
+    };
+    let mut out = Vec::new();
+    for item in filters.split_whitespace() {
+        let libvirt = item
+            .trim_start_matches('+')
+            .split_once(':')
+            .and_then(|(n, m)| Some((level(n)?, m)));
+        match libvirt {
+            Some((lvl, "*")) => out.push(lvl.to_owned()),
+            Some((lvl, target)) => out.push(format!("{target}={lvl}")),
+            None => out.push(item.to_owned()),
+        }
+    }
+    out.join(",")
+}
+
+impl Logging {
+    fn init() -> std::sync::Arc<Logging> {
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        let (filter, reload) = tracing_subscriber::reload::Layer::new(default_filter());
+        tracing_subscriber::registry()
+            .with(filter)
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .init();
+        std::sync::Arc::new(Logging {
+            reload,
+            filters: std::sync::Mutex::new(String::new()),
+        })
+    }
+}
+
+impl vireo_rpc::server::LoggingControl for Logging {
+    fn filters(&self) -> String {
+        self.filters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_filters(&self, filters: Option<&str>) -> Result<(), String> {
+        let text = filters.unwrap_or("").trim();
+        let filter = if text.is_empty() {
+            default_filter()
+        } else {
+            tracing_subscriber::EnvFilter::try_new(directives(text))
+                .map_err(|e| format!("bad logging filters {text:?}: {e}"))?
+        };
+        self.reload
+            .reload(filter)
+            .map_err(|e| format!("cannot change the logging filters: {e}"))?;
+        *self.filters.lock().unwrap_or_else(|e| e.into_inner()) = text.to_owned();
+        tracing::info!(filters = text, "logging filters changed");
+        Ok(())
+    }
+
+    fn outputs(&self) -> String {
+        "1:stderr".to_owned()
+    }
+
+    fn set_outputs(&self, outputs: Option<&str>) -> Result<(), String> {
+        match outputs.map(str::trim) {
+            None | Some("") | Some("1:stderr") => Ok(()),
+            Some(other) => Err(format!(
+                "vireo-rpcd logs to stderr only (outputs {other:?} refused); what it logs is \
+                 chosen by the logging filters"
+            )),
+        }
+    }
 }

@@ -1,8 +1,9 @@
 //! libvirt's admin program (`0x06900690` v1) on the server's admin socket, for stock
 //! `virt-admin`: connection open/close, lib version, server list and lookup, threadpool
 //! parameters (get and set), client limits (get and set), client list, lookup, information
-//! and close, with libvirtd's parameter names, order, validation and error texts. Logging
-//! (procedures 14-17) and the daemon timeout (19) are answered with an error. Calls run on the loop thread: they only read or change the
+//! and close, logging filters and outputs (through [`super::LoggingControl`]), with
+//! libvirtd's parameter names, order, validation and error texts. The daemon timeout (19)
+//! is answered with an error: vireo-rpcd has none. Calls run on the loop thread: they only read or change the
 //! server's own state and the pool's limits.
 
 use vireo_pool::LimitsError;
@@ -194,6 +195,35 @@ impl State {
                 done(d)?;
                 self.set_client_limits(&params)?;
             }
+            GET_LOGGING_OUTPUTS | GET_LOGGING_FILTERS => {
+                let _flags = d.u32().map_err(malformed)?;
+                done(d)?;
+                let log = self.logging()?;
+                let text = if proc_ == GET_LOGGING_OUTPUTS {
+                    log.outputs()
+                } else {
+                    log.filters()
+                };
+                let n = text.split_whitespace().count() as u32;
+                if proc_ == GET_LOGGING_OUTPUTS {
+                    out.string(&text);
+                } else {
+                    out.opt_string((!text.is_empty()).then_some(text.as_str()));
+                }
+                out.u32(n);
+            }
+            SET_LOGGING_OUTPUTS | SET_LOGGING_FILTERS => {
+                let text = d.opt_string(crate::xdr::STRING_MAX).map_err(malformed)?;
+                let _flags = d.u32().map_err(malformed)?;
+                done(d)?;
+                let log = self.logging()?;
+                let set = if proc_ == SET_LOGGING_OUTPUTS {
+                    log.set_outputs(text.as_deref())
+                } else {
+                    log.set_filters(text.as_deref())
+                };
+                set.map_err(|why| invalid_arg(&why))?;
+            }
             procedure::SERVER_GET_CLIENT_LIMITS => {
                 server(&mut d)?;
                 let _flags = d.u32().map_err(malformed)?;
@@ -287,6 +317,14 @@ const CLIENT_CLOSE: u32 = 11;
 /// `SERVER_SET_CLIENT_LIMITS { server, typed_param params<32>, u32 flags }`.
 const SERVER_SET_CLIENT_LIMITS: u32 = 13;
 const VIR_ERR_NO_CLIENT: i32 = 96;
+/// `GET_LOGGING_OUTPUTS { u32 flags }` -> `string outputs, u32 n`.
+const GET_LOGGING_OUTPUTS: u32 = 14;
+/// `GET_LOGGING_FILTERS { u32 flags }` -> `string* filters, u32 n`.
+const GET_LOGGING_FILTERS: u32 = 15;
+/// `SET_LOGGING_OUTPUTS { string* outputs, u32 flags }`.
+const SET_LOGGING_OUTPUTS: u32 = 16;
+/// `SET_LOGGING_FILTERS { string* filters, u32 flags }`.
+const SET_LOGGING_FILTERS: u32 = 17;
 
 /// An `admin_nonnull_client` in a call: its server (checked) and id; the timestamp and
 /// transport are the caller's copy and are not trusted.
@@ -299,6 +337,16 @@ fn client_ref(d: &mut Decoder<'_>) -> Result<u64, Failure> {
 }
 
 impl State {
+    fn logging(&self) -> Result<std::sync::Arc<dyn super::LoggingControl>, Failure> {
+        self.config.logging.clone().ok_or_else(|| {
+            (
+                VIR_ERR_INTERNAL_ERROR,
+                VIR_FROM_RPC,
+                "internal error: this server does not control the daemon's logging".to_owned(),
+            )
+        })
+    }
+
     /// The key of the (non-admin) client with libvirt id `id`.
     fn client_by_id(&self, id: u64) -> Result<usize, Failure> {
         self.clients
