@@ -513,20 +513,9 @@ impl LoopHandle {
         let watch = self.add_handle(fd, Events::READABLE, move |h, id, _, _| {
             infos.clear();
             lease.collect(&mut infos);
-            let status = rustix::process::waitpid(Some(raw), rustix::process::WaitOptions::NOHANG);
-            let status = match status {
-                Ok(Some((_, status))) => ExitStatus::from_raw(status.as_raw()),
-                Ok(None) => return,
-                // Reaped by someone else: nothing left to report.
-                Err(_) => {
-                    let _ = h.remove_handle(id);
-                    return;
-                }
-            };
-            let _ = h.remove_handle(id);
-            if let Some(cb) = callback.take() {
-                cb(h, ChildId(id), status);
-            }
+            let waited = rustix::process::waitpid(Some(raw), rustix::process::WaitOptions::NOHANG)
+                .map(|s| s.map(|(_, status)| ExitStatus::from_raw(status.as_raw())));
+            report(h, id, waited, &mut callback);
         })?;
         Ok(ChildId(watch))
     }
@@ -542,20 +531,39 @@ impl LoopHandle {
                 rustix::process::WaitId::PidFd(pidfd.as_fd()),
                 rustix::process::WaitIdOptions::EXITED | rustix::process::WaitIdOptions::NOHANG,
             );
-            let status = match waited {
-                Ok(Some(s)) => exit_status(&s),
-                Ok(None) => return,
-                Err(_) => {
-                    let _ = h.remove_handle(id);
-                    return;
-                }
-            };
+            report(
+                h,
+                id,
+                waited.map(|s| s.as_ref().map(exit_status)),
+                &mut callback,
+            );
+        })?;
+        Ok(ChildId(watch))
+    }
+}
+
+/// What a child watch does with a wait's answer: nothing while the child runs; otherwise the
+/// watch goes and, when there is a status (not when someone else reaped the child), the
+/// callback runs once with it.
+fn report<F>(
+    h: &LoopHandle,
+    id: WatchId,
+    waited: rustix::io::Result<Option<ExitStatus>>,
+    callback: &mut Option<F>,
+) where
+    F: FnOnce(&LoopHandle, ChildId, ExitStatus),
+{
+    match waited {
+        Ok(None) => {}
+        Ok(Some(status)) => {
             let _ = h.remove_handle(id);
             if let Some(cb) = callback.take() {
                 cb(h, ChildId(id), status);
             }
-        })?;
-        Ok(ChildId(watch))
+        }
+        Err(_) => {
+            let _ = h.remove_handle(id);
+        }
     }
 }
 

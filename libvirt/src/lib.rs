@@ -331,6 +331,20 @@ struct Opaque {
 // callback), which are written for that, and never dereferenced here.
 unsafe impl Send for Opaque {}
 
+impl Opaque {
+    /// The state for a new vireo callback, and the flag that arms its free callback once the
+    /// add succeeded.
+    fn new(opaque: *mut c_void, ff: Option<FreeCallback>) -> (Opaque, Arc<AtomicBool>) {
+        let added = Arc::new(AtomicBool::new(false));
+        let state = Opaque {
+            opaque,
+            ff,
+            added: Arc::clone(&added),
+        };
+        (state, added)
+    }
+}
+
 impl Drop for Opaque {
     fn drop(&mut self) {
         if let Some(ff) = self.ff {
@@ -365,12 +379,7 @@ fn add_handle(
     let Some(id) = ids.allocate() else {
         return -1;
     };
-    let added = Arc::new(AtomicBool::new(false));
-    let state = Opaque {
-        opaque,
-        ff,
-        added: Arc::clone(&added),
-    };
+    let (state, added) = Opaque::new(opaque, ff);
     let interest = Events::from_bits_truncate(events as u32);
     let watch = reg.handle.add_handle(fd, interest, move |_, _, fd, ready| {
         let state = &state;
@@ -423,12 +432,7 @@ fn add_timeout(
     let Some(id) = ids.allocate() else {
         return -1;
     };
-    let added = Arc::new(AtomicBool::new(false));
-    let state = Opaque {
-        opaque,
-        ff,
-        added: Arc::clone(&added),
-    };
+    let (state, added) = Opaque::new(opaque, ff);
     let timer = reg
         .handle
         .add_timeout(Frequency::from_millis(ms), move |_, _| {
