@@ -43,6 +43,8 @@ pub mod procedure {
     pub const CONNECT_LOOKUP_SERVER: u32 = 5;
     /// `SERVER_GET_THREADPOOL_PARAMETERS { server, u32 flags }` -> typed parameters.
     pub const SERVER_GET_THREADPOOL_PARAMETERS: u32 = 6;
+    /// `SERVER_SET_THREADPOOL_PARAMETERS { server, typed_param params<32>, u32 flags }`.
+    pub const SERVER_SET_THREADPOOL_PARAMETERS: u32 = 7;
     /// `SERVER_GET_CLIENT_LIMITS { server, u32 flags }` -> typed parameters.
     pub const SERVER_GET_CLIENT_LIMITS: u32 = 12;
 }
@@ -194,6 +196,39 @@ impl AdminClient {
     /// As [`lookup_server`](AdminClient::lookup_server).
     pub fn threadpool_parameters(&mut self, server: &str) -> io::Result<Vec<TypedParam>> {
         self.server_params(procedure::SERVER_GET_THREADPOOL_PARAMETERS, server)
+    }
+
+    /// Changes a server's worker pool: `minWorkers`, `maxWorkers`, `prioWorkers` (those given;
+    /// the others stay), validated by the daemon.
+    ///
+    /// # Errors
+    ///
+    /// The daemon's refusal (`invalid argument: minWorkers cannot be larger than maxWorkers`,
+    /// ...), or as [`lookup_server`](AdminClient::lookup_server).
+    pub fn set_threadpool_parameters(
+        &mut self,
+        server: &str,
+        min_workers: Option<u32>,
+        max_workers: Option<u32>,
+        prio_workers: Option<u32>,
+    ) -> io::Result<()> {
+        use crate::xdr::Value;
+        self.lookup_server(server)?;
+        let params: Vec<TypedParam> = [
+            ("minWorkers", min_workers),
+            ("maxWorkers", max_workers),
+            ("prioWorkers", prio_workers),
+        ]
+        .into_iter()
+        .filter_map(|(f, v)| v.map(|v| TypedParam::new(f, Value::UInt(v))))
+        .collect();
+        let mut args = Encoder::new();
+        args.string(server).typed_params(&params).u32(0);
+        let body = self.call(
+            procedure::SERVER_SET_THREADPOOL_PARAMETERS,
+            &args.into_bytes(),
+        )?;
+        Decoder::new(&body).finish().map_err(invalid)
     }
 
     /// A server's client limits and counts (libvirtd: `nclients_max, nclients,

@@ -1035,11 +1035,12 @@ impl State {
             // PONG (and anything else of the keepalive program) only proves the peer is alive.
             return Ok(());
         }
-        if self.clients[key].admin {
-            return self.dispatch_admin(key, &frame);
-        }
         self.summary.calls_received += 1;
         self.counters.calls_received.fetch_add(1, SeqCst);
+        if self.clients[key].admin {
+            // Counted like any call: every call received gets one reply.
+            return self.dispatch_admin(key, &frame);
+        }
         let refuse = if h.kind != kind::CALL {
             Some(format!("unexpected message type {}", h.kind))
         } else if h.program != PROGRAM || h.version != VERSION {

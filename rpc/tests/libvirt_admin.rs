@@ -1,4 +1,4 @@
-//! `vireo-rpc libvirt-admin` against a real libvirtd's admin socket (needs libvirt; skipped
+//! `vireo-rpc admin` against a real libvirtd's admin socket (needs libvirt; skipped
 //! without it unless VIREO_REQUIRE_LIBVIRT=1): the answers are libvirtd's, field for field and
 //! in its order, as stock `virt-admin` prints them in the same test.
 
@@ -33,7 +33,7 @@ fn libvirt_admin_reads_libvirtd_as_virt_admin_does() {
         missing.push("/usr/bin/virt-admin (libvirt-clients)".into());
     }
     if !testing::ready_or_skip(
-        "vireo-rpc libvirt-admin against libvirtd",
+        "vireo-rpc admin against libvirtd",
         (!missing.is_empty()).then(|| missing.join(", ")),
     ) {
         return;
@@ -42,14 +42,8 @@ fn libvirt_admin_reads_libvirtd_as_virt_admin_does() {
     let socket = daemon.admin_socket();
     let vireo = |args: &[&str]| {
         let mut c = daemon.as_daemon_user(Path::new(env!("CARGO_BIN_EXE_vireo-rpc")));
-        c.arg("libvirt-admin")
-            .arg("--socket")
-            .arg(&socket)
-            .args(args);
-        ok(
-            c.output().unwrap(),
-            &format!("vireo-rpc libvirt-admin {args:?}"),
-        )
+        c.arg("admin").arg("--socket").arg(&socket).args(args);
+        ok(c.output().unwrap(), &format!("vireo-rpc admin {args:?}"))
     };
     let virt_admin = |args: &[&str]| {
         let mut c = daemon.as_daemon_user(Path::new("/usr/bin/virt-admin"));
@@ -107,7 +101,7 @@ fn libvirt_admin_reads_libvirtd_as_virt_admin_does() {
     // An unknown server is the daemon's error, printed as virt-admin prints it.
     let mut c = daemon.as_daemon_user(Path::new(env!("CARGO_BIN_EXE_vireo-rpc")));
     let out = c
-        .arg("libvirt-admin")
+        .arg("admin")
         .arg("--socket")
         .arg(&socket)
         .args(["srv-threadpool-info", "nosuch"])

@@ -159,6 +159,22 @@ fn stock_virt_admin_manages_vireo_rpcd() {
         "the pool grew to the new minimum"
     );
 
+    // vireo-rpc admin speaks the same protocol, finding the admin socket from --connect.
+    let out = Command::new(env!("CARGO_BIN_EXE_vireo-rpc"))
+        .arg("--connect")
+        .arg(format!("unix:{}", d.public.display()))
+        .args(["admin", "srv-threadpool-set", "--prio-workers", "4"])
+        .output()
+        .unwrap();
+    let printed = fields(&ok(out));
+    assert_eq!(value(&printed, "prioWorkers"), "4");
+    let pool = fields(&ok(admin(&["srv-threadpool-info", "vireo"])));
+    assert_eq!(
+        value(&pool, "prioWorkers"),
+        "4",
+        "virt-admin does not see vireo-rpc's change"
+    );
+
     let e = err(admin(&[
         "srv-threadpool-set",
         "vireo",

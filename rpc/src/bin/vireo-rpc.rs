@@ -12,7 +12,7 @@ use vireo_rpc::load::{LoadConfig, LoadReport, run_load};
 use vireo_rpc::proto::Procedure;
 use vireo_rpc::server::ListenAddr;
 
-/// Client of the vireo RPC server: single calls, virt-admin style pool administration, and a
+/// Client of the vireo RPC server: single calls, administration through libvirt's admin protocol, and a
 /// load generator that drives many connections from one vireo event-loop thread.
 #[derive(Debug, Parser)]
 #[command(version)]
@@ -29,13 +29,11 @@ enum Command {
     /// Make one call and print the reply.
     #[command(subcommand)]
     Call(Call),
-    /// Inspect or change the server's worker pool (as virt-admin).
-    #[command(subcommand)]
-    Admin(Admin),
-    /// Speak libvirt's admin protocol (virt-admin's) to a daemon's admin socket: libvirtd's
-    /// (`$XDG_RUNTIME_DIR/libvirt/libvirt-admin-sock`, or /run/libvirt/libvirt-admin-sock). The
+    /// Administer a daemon through libvirt's admin protocol (virt-admin's) on its admin socket:
+    /// vireo-rpcd's (by default NAME-admin.sock beside --connect's unix socket) or libvirtd's
+    /// (`$XDG_RUNTIME_DIR/libvirt/libvirt-admin-sock`, /run/libvirt/libvirt-admin-sock). The
     /// daemon accepts only clients of its own uid.
-    LibvirtAdmin(LibvirtAdmin),
+    Admin(AdminArgs),
     /// Drive the server with many connections and report throughput and latency.
     Load(LoadArgs),
 }
@@ -61,12 +59,33 @@ enum Call {
     Stats,
 }
 
+#[derive(Debug, Args)]
+struct AdminArgs {
+    /// The admin socket (default: NAME-admin.sock beside --connect's unix:DIR/NAME.sock).
+    #[arg(long, value_name = "PATH")]
+    socket: Option<std::path::PathBuf>,
+    #[command(subcommand)]
+    command: AdminCommand,
+}
+
 #[derive(Debug, Subcommand)]
-enum Admin {
-    /// Print the worker pool's limits and state.
-    ThreadpoolInfo,
-    /// Change the worker pool's limits; those not given stay.
-    ThreadpoolSet {
+enum AdminCommand {
+    /// The daemon's version.
+    Version,
+    /// The daemon's servers.
+    SrvList,
+    /// A server's worker pool (virt-admin srv-threadpool-info).
+    SrvThreadpoolInfo {
+        /// The server (vireo-rpcd: vireo; libvirtd: libvirtd or admin).
+        #[arg(default_value = "vireo")]
+        server: String,
+    },
+    /// Changes a server's worker pool; the limits not given stay (virt-admin
+    /// srv-threadpool-set). Prints the pool afterwards.
+    SrvThreadpoolSet {
+        /// The server.
+        #[arg(default_value = "vireo")]
+        server: String,
         /// Workers kept at all times.
         #[arg(long)]
         min_workers: Option<u32>,
@@ -77,43 +96,33 @@ enum Admin {
         #[arg(long)]
         prio_workers: Option<u32>,
     },
-}
-
-#[derive(Debug, Args)]
-struct LibvirtAdmin {
-    /// The admin socket.
-    #[arg(long, value_name = "PATH")]
-    socket: std::path::PathBuf,
-    #[command(subcommand)]
-    command: LibvirtAdminCommand,
-}
-
-#[derive(Debug, Subcommand)]
-enum LibvirtAdminCommand {
-    /// The daemon's libvirt version.
-    Version,
-    /// The daemon's servers.
-    SrvList,
-    /// A server's worker pool (virt-admin srv-threadpool-info).
-    SrvThreadpoolInfo {
-        /// The server's name (libvirtd: libvirtd or admin).
-        server: String,
-    },
     /// A server's client limits (virt-admin srv-clients-info).
     SrvClientsInfo {
-        /// The server's name.
+        /// The server.
+        #[arg(default_value = "vireo")]
         server: String,
     },
 }
 
-fn libvirt_admin(args: LibvirtAdmin) -> anyhow::Result<()> {
+fn admin(connect: &ListenAddr, args: AdminArgs) -> anyhow::Result<()> {
     use vireo_rpc::xdr::Value;
-    let mut admin = vireo_rpc::admin::AdminClient::connect(&args.socket).with_context(|| {
-        format!(
-            "cannot open the admin connection on {}",
-            args.socket.display()
-        )
-    })?;
+    let socket = match args.socket {
+        Some(p) => p,
+        None => match connect {
+            ListenAddr::Unix(p) => {
+                let stem = p
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                p.with_file_name(format!("{stem}-admin.sock"))
+            }
+            ListenAddr::Tcp(_) => {
+                bail!("--connect is a tcp address: give the admin socket with --socket")
+            }
+        },
+    };
+    let mut admin = vireo_rpc::admin::AdminClient::connect(&socket)
+        .with_context(|| format!("cannot open the admin connection on {}", socket.display()))?;
     let print = |params: Vec<vireo_rpc::xdr::TypedParam>| {
         for p in params {
             let value = match p.value {
@@ -129,7 +138,7 @@ fn libvirt_admin(args: LibvirtAdmin) -> anyhow::Result<()> {
         }
     };
     match args.command {
-        LibvirtAdminCommand::Version => {
+        AdminCommand::Version => {
             let v = admin.lib_version()?;
             println!(
                 "Running against daemon: {}.{}.{}",
@@ -138,15 +147,25 @@ fn libvirt_admin(args: LibvirtAdmin) -> anyhow::Result<()> {
                 v % 1000
             );
         }
-        LibvirtAdminCommand::SrvList => {
+        AdminCommand::SrvList => {
             for (i, name) in admin.list_servers()?.iter().enumerate() {
                 println!("{i:>2}  {name}");
             }
         }
-        LibvirtAdminCommand::SrvThreadpoolInfo { server } => {
-            print(admin.threadpool_parameters(&server)?)
+        AdminCommand::SrvThreadpoolInfo { server } => print(admin.threadpool_parameters(&server)?),
+        AdminCommand::SrvThreadpoolSet {
+            server,
+            min_workers,
+            max_workers,
+            prio_workers,
+        } => {
+            if min_workers.is_none() && max_workers.is_none() && prio_workers.is_none() {
+                bail!("give at least one of --min-workers, --max-workers, --prio-workers");
+            }
+            admin.set_threadpool_parameters(&server, min_workers, max_workers, prio_workers)?;
+            print(admin.threadpool_parameters(&server)?);
         }
-        LibvirtAdminCommand::SrvClientsInfo { server } => print(admin.client_limits(&server)?),
+        AdminCommand::SrvClientsInfo { server } => print(admin.client_limits(&server)?),
     }
     admin.close()?;
     Ok(())
@@ -209,38 +228,8 @@ fn main() -> anyhow::Result<()> {
                 Call::Stats => println!("{}", pretty(&client.stats()?)?),
             }
         }
-        Command::Admin(Admin::ThreadpoolInfo) => {
-            let mut client = connect(&cli.connect)?;
-            let stats: serde_json::Value = serde_json::from_str(&client.stats()?)?;
-            let pool = &stats["pool"];
-            for (label, key) in [
-                ("minWorkers", "min_workers"),
-                ("maxWorkers", "max_workers"),
-                ("nWorkers", "workers"),
-                ("freeWorkers", "free_workers"),
-                ("prioWorkers", "prio_workers"),
-                ("jobQueueDepth", "queue_depth"),
-                ("prioJobQueueDepth", "prio_queue_depth"),
-                ("completed", "completed"),
-                ("panicked", "panicked"),
-            ] {
-                println!("{label:<18}: {}", pool[key]);
-            }
-        }
-        Command::Admin(Admin::ThreadpoolSet {
-            min_workers,
-            max_workers,
-            prio_workers,
-        }) => {
-            if min_workers.is_none() && max_workers.is_none() && prio_workers.is_none() {
-                bail!("give at least one of --min-workers, --max-workers, --prio-workers");
-            }
-            let mut client = connect(&cli.connect)?;
-            client.set_limits(min_workers, max_workers, prio_workers)?;
-            println!("limits changed");
-        }
+        Command::Admin(args) => admin(&cli.connect, args)?,
         Command::Load(args) => load(cli.connect, args)?,
-        Command::LibvirtAdmin(args) => libvirt_admin(args)?,
     }
     Ok(())
 }
