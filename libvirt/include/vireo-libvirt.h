@@ -46,7 +46,8 @@ int vireo_libvirt_is_loop_thread(void);
 /* "epoll", "io-uring", "poll" or "portable" once started, else NULL. Static. */
 const char *vireo_libvirt_backend(void);
 
-/* Why the last failing call failed, or NULL; valid until the next failing call. */
+/* Why this thread's last failing call failed, or NULL; valid until the next failing call
+ * on the same thread. */
 const char *vireo_libvirt_last_error(void);
 
 /* libvirt's event implementation (virEventAddHandleFunc, ...). Ids are positive, count up

@@ -72,12 +72,15 @@ struct Running {
 }
 
 static RUNNING: Mutex<Option<Running>> = Mutex::new(None);
-static LAST_ERROR: Mutex<Option<CString>> = Mutex::new(None);
+thread_local! {
+    /// This thread's last failure, for [`vireo_libvirt_last_error`].
+    static LAST_ERROR: std::cell::RefCell<Option<CString>> = const { std::cell::RefCell::new(None) };
+}
 static BACKEND: Mutex<Option<&'static CStr>> = Mutex::new(None);
 
 fn fail(why: String) -> c_int {
     let text = CString::new(why.replace('\0', " ")).unwrap_or_default();
-    *lock(&LAST_ERROR) = Some(text);
+    LAST_ERROR.with(|e| *e.borrow_mut() = Some(text));
     -1
 }
 
@@ -199,13 +202,12 @@ pub extern "C" fn vireo_libvirt_backend() -> *const c_char {
     })
 }
 
-/// Why the last call that returned -1 failed, or NULL. The string stays valid until the next
-/// failing call.
+/// Why the last call on this thread that returned -1 failed, or NULL. The string stays
+/// valid until the next failing call on the same thread (a failure on another thread does not
+/// touch it).
 #[unsafe(no_mangle)]
 pub extern "C" fn vireo_libvirt_last_error() -> *const c_char {
     guarded(std::ptr::null(), || {
-        lock(&LAST_ERROR)
-            .as_ref()
-            .map_or(std::ptr::null(), |s| s.as_ptr())
+        LAST_ERROR.with(|e| e.borrow().as_ref().map_or(std::ptr::null(), |s| s.as_ptr()))
     })
 }

@@ -1338,39 +1338,43 @@ fn same_uid(stream: &Stream) -> bool {
 
 /// A user's name (`getpwuid_r`), or the number when it has none.
 fn user_name(uid: u32) -> String {
-    let mut buf = vec![0 as libc::c_char; 4096];
-    // SAFETY: getpwuid_r writes into `pwd` and `buf` (both valid for its use, `buf.len()`
-    // bytes) and sets `result` to `&pwd` or NULL; `pw_name` points into `buf`, read at once.
-    unsafe {
+    // SAFETY: getpwuid_r writes into `pwd` and `buf` (valid for `buf.len()` bytes) and sets
+    // `result` to `&pwd` or NULL; `pw_name` then points into `buf`, read before it goes.
+    entry_name(uid, |buf, result| unsafe {
         let mut pwd: libc::passwd = std::mem::zeroed();
-        let mut result = std::ptr::null_mut();
-        if libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result) == 0
-            && !result.is_null()
-        {
-            return std::ffi::CStr::from_ptr(pwd.pw_name)
+        let mut found = std::ptr::null_mut();
+        let ok = libc::getpwuid_r(uid, &mut pwd, buf.as_mut_ptr(), buf.len(), &mut found) == 0
+            && !found.is_null();
+        *result = ok.then(|| {
+            std::ffi::CStr::from_ptr(pwd.pw_name)
                 .to_string_lossy()
-                .into_owned();
-        }
-    }
-    uid.to_string()
+                .into_owned()
+        });
+    })
 }
 
 /// A group's name (`getgrgid_r`), or the number when it has none.
 fn group_name(gid: u32) -> String {
-    let mut buf = vec![0 as libc::c_char; 4096];
-    // SAFETY: as for `getpwuid_r` above.
-    unsafe {
+    // SAFETY: as for `getpwuid_r` in `user_name`.
+    entry_name(gid, |buf, result| unsafe {
         let mut grp: libc::group = std::mem::zeroed();
-        let mut result = std::ptr::null_mut();
-        if libc::getgrgid_r(gid, &mut grp, buf.as_mut_ptr(), buf.len(), &mut result) == 0
-            && !result.is_null()
-        {
-            return std::ffi::CStr::from_ptr(grp.gr_name)
+        let mut found = std::ptr::null_mut();
+        let ok = libc::getgrgid_r(gid, &mut grp, buf.as_mut_ptr(), buf.len(), &mut found) == 0
+            && !found.is_null();
+        *result = ok.then(|| {
+            std::ffi::CStr::from_ptr(grp.gr_name)
                 .to_string_lossy()
-                .into_owned();
-        }
-    }
-    gid.to_string()
+                .into_owned()
+        });
+    })
+}
+
+/// Runs a reentrant passwd/group lookup with a buffer; the number when it finds nothing.
+fn entry_name(id: u32, lookup: impl FnOnce(&mut [libc::c_char], &mut Option<String>)) -> String {
+    let mut buf = vec![0 as libc::c_char; 4096];
+    let mut name = None;
+    lookup(&mut buf, &mut name);
+    name.unwrap_or_else(|| id.to_string())
 }
 
 fn is_fd_exhaustion(errno: i32) -> bool {

@@ -2,10 +2,13 @@
 //! without it unless VIREO_REQUIRE_LIBVIRT=1): the answers are libvirtd's, field for field and
 //! in its order, as stock `virt-admin` prints them in the same test.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Output;
 
+use common::fields;
 use vireo_libvirt::testing::{self, SessionDaemon};
 
 fn ok(out: Output, what: &str) -> String {
@@ -16,14 +19,6 @@ fn ok(out: Output, what: &str) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
-}
-
-/// `field : value` lines, in order.
-fn fields(text: &str) -> Vec<(String, String)> {
-    text.lines()
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
-        .collect()
 }
 
 #[test]

@@ -3,20 +3,16 @@
 //! libvirtd's field names in libvirtd's order (checked against a real libvirtd in the same test
 //! when one can run). Skipped without virt-admin unless VIREO_REQUIRE_LIBVIRT=1.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
+use common::fields;
 use vireo_libvirt::testing::{self, SessionDaemon};
 use vireo_rpc::client::Client;
 use vireo_rpc::server::ListenAddr;
-
-fn fields(text: &str) -> Vec<(String, String)> {
-    text.lines()
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
-        .collect()
-}
 
 fn keys(f: &[(String, String)]) -> Vec<String> {
     f.iter().map(|(k, _)| k.clone()).collect()

@@ -189,3 +189,11 @@ pub fn read_frame(s: &mut UnixStream) -> vireo_rpc::proto::Frame {
         }
     }
 }
+
+/// `field : value` lines (virt-admin's and `vireo-rpc admin`'s output), trimmed, in order.
+pub fn fields(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect()
+}
