@@ -17,7 +17,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Notify;
 use vireo_backends::Choice;
 use vireo_rpc::proto::{self, FrameReader, Header, Procedure, kind, status};
-use vireo_rpc::server::{ListenAddr, Server, ServerConfig, ShutdownHandle};
+use vireo_rpc::server::{DaemonConfig, ListenAddr, Server, ServerConfig, ShutdownHandle};
 
 /// A server under test, stopped by [`Running::stop`].
 pub enum Running {
@@ -59,14 +59,19 @@ pub fn systems() -> Vec<String> {
 pub fn start(name: &str, path: &Path, workers: usize) -> io::Result<(Running, ListenAddr)> {
     let addr = ListenAddr::Unix(path.to_path_buf());
     if let Some(backend) = name.strip_prefix("vireo-") {
-        let server = Server::bind(ServerConfig {
-            listen: vec![addr.clone()],
-            backend: Choice::Only(backend.parse()?),
-            min_workers: workers,
-            max_workers: workers,
-            prio_workers: 1,
-            ..ServerConfig::default()
-        })?;
+        let server = Server::bind_with(
+            DaemonConfig {
+                backend: Choice::Only(backend.parse()?),
+                ..DaemonConfig::default()
+            },
+            ServerConfig {
+                listen: vec![addr.clone()],
+                min_workers: workers,
+                max_workers: workers,
+                prio_workers: 1,
+                ..ServerConfig::default()
+            },
+        )?;
         let stop = server.shutdown_handle();
         let thread = std::thread::Builder::new()
             .name("vireo-loop".into())
@@ -151,7 +156,9 @@ async fn serve(mut stream: UnixStream) {
 
 async fn answer(h: &Header, payload: &[u8], out: &mut Vec<u8>) {
     let err = |out: &mut Vec<u8>, msg: &str| {
-        proto::encode_frame_into(out, &h.reply(status::ERROR), msg.as_bytes());
+        // libvirt's error body, as vireo's server sends.
+        let body = vireo_rpc::xdr::error_body(39, 7, msg);
+        proto::encode_frame_into(out, &h.reply(status::ERROR), &body);
     };
     if h.kind != kind::CALL || h.program != proto::PROGRAM || h.version != proto::VERSION {
         return err(out, "unexpected message");

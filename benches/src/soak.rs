@@ -12,10 +12,11 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use vireo_backends::Choice;
+use vireo_rpc::admin::AdminClient;
 use vireo_rpc::client::Client;
 use vireo_rpc::load::{LoadConfig, run_load};
 use vireo_rpc::proto::Procedure;
-use vireo_rpc::server::{ListenAddr, Server, ServerConfig};
+use vireo_rpc::server::{DaemonConfig, ListenAddr, Server, ServerConfig};
 
 use crate::report::{Report, Target};
 
@@ -85,12 +86,12 @@ pub struct SoakResult {
     pub received: u64,
     /// Errors reported by the load generator (lost replies included).
     pub errors: u64,
-    /// SET_LIMITS calls made, and how many failed.
+    /// threadpool changes (admin socket) made, and how many failed.
     pub limit_changes: u64,
-    /// SET_LIMITS calls that failed.
+    /// Threadpool changes that failed.
     pub limit_errors: u64,
     /// The deepest pool queue and the fewest and most workers seen by the `STATS` call made
-    /// after each SET_LIMITS.
+    /// after each threadpool change.
     pub max_queue_depth: u64,
     /// Fewest workers seen.
     pub min_workers_seen: u64,
@@ -119,20 +120,27 @@ pub fn run(
     let dir = std::env::temp_dir().join(format!("vireo-soak-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let addr = ListenAddr::Unix(dir.join("soak.sock"));
-    let server = Server::bind(ServerConfig {
-        listen: vec![addr.clone()],
-        backend: opts.backend,
-        min_workers: 2,
-        max_workers: 8,
-        prio_workers: 2,
-        // The soak moves the limits with SET_LIMITS.
-        allow_set_limits: true,
-        ..ServerConfig::default()
-    })?;
+    // The soak moves the limits through the admin socket, as virt-admin would.
+    let admin = dir.join("soak-admin.sock");
+    let server = Server::bind_with(
+        DaemonConfig {
+            backend: opts.backend,
+            admin: Some(admin.clone()),
+            ..DaemonConfig::default()
+        },
+        ServerConfig {
+            listen: vec![addr.clone()],
+            min_workers: 2,
+            max_workers: 8,
+            prio_workers: 2,
+            ..ServerConfig::default()
+        },
+    )?;
     let mut result = SoakResult {
         backend: server.backend_name().to_owned(),
         ..SoakResult::default()
     };
+    let server_name = server.name().to_owned();
     let stop = server.shutdown_handle();
     let running = thread::Builder::new()
         .name("soak-server".into())
@@ -145,6 +153,7 @@ pub fn run(
     // after each change shows the queue and the workers.
     let limits = {
         let (addr, done) = (addr.clone(), Arc::clone(&done));
+        let name = server_name.clone();
         thread::spawn(move || -> PoolSeen {
             let mut seen = PoolSeen {
                 min_workers: u64::MAX,
@@ -154,11 +163,21 @@ pub fn run(
             while !done.load(SeqCst) {
                 thread::sleep(Duration::from_secs(1));
                 i += 1;
-                let outcome = Client::connect(&addr).and_then(|mut c| {
-                    c.set_timeout(Some(Duration::from_secs(30)))?;
-                    c.set_limits(Some(1 + i % 2), Some(2 + i % 9), Some(1 + i % 3))?;
-                    c.stats()
-                });
+                let outcome = AdminClient::connect(&admin)
+                    .and_then(|mut a| {
+                        a.set_threadpool_parameters(
+                            &name,
+                            Some(1 + i % 2),
+                            Some(2 + i % 9),
+                            Some(1 + i % 3),
+                        )?;
+                        a.close()
+                    })
+                    .and_then(|()| Client::connect(&addr))
+                    .and_then(|mut c| {
+                        c.set_timeout(Some(Duration::from_secs(30)))?;
+                        c.stats()
+                    });
                 seen.made += 1;
                 match outcome.ok().and_then(|s| pool_stats(&s)) {
                     Some((depth, workers, rebuilds)) => {
@@ -321,7 +340,7 @@ pub fn report(r: &SoakResult, opts: &SoakOptions) -> Report {
     let mut rep = Report {
         bench: "soak".into(),
         intro: vec![format!(
-            "vireo-bench soak on {}: {:.0} s, {} windows of {} clients (connect, {:.1} s of ECHO/HASH/SLEEP 20 ms/STATS, disconnect), SET_LIMITS every second; RSS and fds of this process (server and load) sampled every second, compared after a {:.0} s warm-up",
+            "vireo-bench soak on {}: {:.0} s, {} windows of {} clients (connect, {:.1} s of ECHO/HASH/SLEEP 20 ms/STATS, disconnect), threadpool limits changed through the admin socket every second; RSS and fds of this process (server and load) sampled every second, compared after a {:.0} s warm-up",
             r.backend,
             total,
             r.windows,

@@ -42,7 +42,7 @@ impl From<RemoteError> for io::Error {
 pub struct Reply {
     /// The reply's header (program, version, procedure and serial of the call).
     pub header: Header,
-    /// The payload: the result, or a UTF-8 message for an error.
+    /// The payload: the result, or libvirt's error body for an error.
     pub payload: Vec<u8>,
 }
 
@@ -52,18 +52,30 @@ impl Reply {
         self.header.status == status::OK
     }
 
+    /// The message of an error reply: the one in libvirt's error body, or the payload as
+    /// text when it is not one; `None` for an OK reply.
+    pub fn error_message(&self) -> Option<String> {
+        if self.is_ok() {
+            return None;
+        }
+        Some(match crate::xdr::decode_error(&self.payload) {
+            Ok(e) => e
+                .message
+                .unwrap_or_else(|| format!("error {} in domain {}", e.code, e.domain)),
+            Err(_) => String::from_utf8_lossy(&self.payload).into_owned(),
+        })
+    }
+
     /// The payload of an OK reply, or the error message.
     ///
     /// # Errors
     ///
-    /// [`RemoteError`] with the message of an error reply.
+    /// [`RemoteError`] with the message of an error reply (see
+    /// [`error_message`](Reply::error_message)).
     pub fn into_result(self) -> Result<Vec<u8>, RemoteError> {
-        if self.is_ok() {
-            Ok(self.payload)
-        } else {
-            Err(RemoteError(
-                String::from_utf8_lossy(&self.payload).into_owned(),
-            ))
+        match self.error_message() {
+            None => Ok(self.payload),
+            Some(message) => Err(RemoteError(message)),
         }
     }
 }
@@ -202,21 +214,5 @@ impl Client {
         let reply = self.call_ok(Procedure::Stats, &[])?;
         String::from_utf8(reply)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "STATS reply is not UTF-8"))
-    }
-
-    /// `SET_LIMITS`: changes the pool's worker limits; `None` leaves one unchanged.
-    ///
-    /// # Errors
-    ///
-    /// As [`echo`](Client::echo): invalid limits, limits above the server's worker ceiling and
-    /// a server that does not allow `SET_LIMITS` come back as a [`RemoteError`].
-    pub fn set_limits(
-        &mut self,
-        min: Option<u32>,
-        max: Option<u32>,
-        prio: Option<u32>,
-    ) -> io::Result<()> {
-        let payload = proto::set_limits_payload(min, max, prio);
-        self.call_ok(Procedure::SetLimits, &payload).map(drop)
     }
 }

@@ -2,10 +2,14 @@
 //! server's event loop reads the whole message and hands it to a worker, the worker runs it, and
 //! the reply goes back through the loop.
 //!
-//! - [`proto`]: libvirt's framing (length word, 24-byte header, payload) and vireo's program
-//!   (`ECHO`, `SLEEP`, `HASH`, `STATS`, `SET_LIMITS`, keepalive).
-//! - [`server`]: the server on one vireo event loop plus a [`vireo_pool::Pool`], with libvirt's
-//!   limits (per-client throttling, max clients, EMFILE back-off, keepalive, graceful stop).
+//! - [`proto`]: libvirt's framing (length word, 24-byte header, payload) and the numbers of
+//!   vireo's demo program and of keepalive.
+//! - [`server`]: daemons in libvirt's shape: one vireo event loop, named servers each with
+//!   listeners, a [`vireo_pool::Pool`] and libvirt's limits (per-client throttling, max
+//!   clients, EMFILE back-off, keepalive, graceful stop), and libvirt's admin socket.
+//! - [`program`]: programs (number, version, procedures whose handlers run on workers) and the
+//!   error replies they send.
+//! - [`demo`]: vireo's demo program (`ECHO`, `SLEEP`, `HASH`, `STATS`).
 //! - [`client`]: a blocking client for one call at a time.
 //! - [`load`]: the load generator, many connections on one event-loop thread.
 //! - [`admin`]: a client of libvirt's admin program (what `virt-admin` speaks), for any
@@ -47,8 +51,10 @@
 
 pub mod admin;
 pub mod client;
+pub mod demo;
 pub mod load;
 mod net;
+pub mod program;
 pub mod proto;
 pub mod server;
 pub mod xdr;

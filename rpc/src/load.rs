@@ -167,7 +167,6 @@ impl Load {
             Procedure::Echo | Procedure::Hash => self.echo_payload.clone(),
             Procedure::Sleep => self.cfg.sleep_ms.to_be_bytes().to_vec(),
             Procedure::Stats => Vec::new(),
-            Procedure::SetLimits => proto::set_limits_payload(None, None, None),
         }
     }
 
@@ -305,7 +304,7 @@ impl Load {
         let correct = match p {
             Procedure::Echo => payload == self.echo_payload.as_slice(),
             Procedure::Hash => payload == self.hash_reply,
-            Procedure::Sleep | Procedure::SetLimits => payload.is_empty(),
+            Procedure::Sleep => payload.is_empty(),
             Procedure::Stats => serde_json::from_slice::<serde_json::Value>(payload).is_ok(),
         };
         if !correct || header.procedure != p as u32 {

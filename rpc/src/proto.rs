@@ -20,9 +20,9 @@
 use std::fmt;
 use std::io::{self, Read};
 
-/// vireo's RPC program number (`"vire"`).
+/// vireo's demo program number (`"vire"`), served by [`crate::demo::program`].
 pub const PROGRAM: u32 = 0x7669_7265;
-/// vireo's RPC program version.
+/// The demo program's version.
 pub const VERSION: u32 = 1;
 /// libvirt's keepalive program (`"keep"`).
 pub const KEEPALIVE_PROGRAM: u32 = 0x6b65_6570;
@@ -59,11 +59,12 @@ pub mod kind {
 pub mod status {
     /// Success: the payload is the procedure's result.
     pub const OK: u32 = 0;
-    /// Failure: the payload is a UTF-8 message.
+    /// Failure: the payload is libvirt's error body (`virNetMessageError`, see
+    /// [`crate::xdr::decode_error`]).
     pub const ERROR: u32 = 1;
 }
 
-/// The procedures of [`PROGRAM`].
+/// The procedures of [`PROGRAM`] (see [`crate::demo`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[repr(u32)]
 pub enum Procedure {
@@ -75,21 +76,15 @@ pub enum Procedure {
     Hash = 3,
     /// Priority: the reply is UTF-8 JSON with pool, loop and client statistics.
     Stats = 4,
-    /// Priority: payload three `i64` BE `min, max, prio` worker limits, -1 = unchanged.
-    /// Answered with `ERROR` unless the server allows it
-    /// ([`ServerConfig::allow_set_limits`](crate::server::ServerConfig::allow_set_limits)),
-    /// and for a limit above its worker ceiling.
-    SetLimits = 5,
 }
 
 impl Procedure {
     /// Every procedure, by number.
-    pub const ALL: [Procedure; 5] = [
+    pub const ALL: [Procedure; 4] = [
         Procedure::Echo,
         Procedure::Sleep,
         Procedure::Hash,
         Procedure::Stats,
-        Procedure::SetLimits,
     ];
 
     /// The procedure with number `n`, if there is one.
@@ -100,7 +95,7 @@ impl Procedure {
     /// Whether priority workers run it (administrative calls that must not wait behind slow
     /// ones).
     pub fn is_priority(self) -> bool {
-        matches!(self, Procedure::Stats | Procedure::SetLimits)
+        matches!(self, Procedure::Stats)
     }
 
     /// The lower-case name used by the command line.
@@ -110,7 +105,6 @@ impl Procedure {
             Procedure::Sleep => "sleep",
             Procedure::Hash => "hash",
             Procedure::Stats => "stats",
-            Procedure::SetLimits => "set-limits",
         }
     }
 }
@@ -462,14 +456,6 @@ pub fn fnv1a64(bytes: &[u8]) -> u64 {
     hash
 }
 
-/// Encodes a `SET_LIMITS` payload: `None` becomes -1 (unchanged).
-pub fn set_limits_payload(min: Option<u32>, max: Option<u32>, prio: Option<u32>) -> Vec<u8> {
-    [min, max, prio]
-        .into_iter()
-        .flat_map(|v| v.map_or(-1i64, i64::from).to_be_bytes())
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -586,6 +572,5 @@ mod tests {
         }
         assert_eq!(Procedure::from_u32(0), None);
         assert!(Procedure::Stats.is_priority() && !Procedure::Sleep.is_priority());
-        assert_eq!(set_limits_payload(Some(1), None, Some(3)).len(), 24);
     }
 }

@@ -28,15 +28,22 @@ fn pool_limits(server: &TestServer) -> (u64, u64, u64) {
 }
 
 #[test]
-fn set_limits_is_refused_on_the_public_socket_by_default() {
+fn pool_administration_is_not_on_the_public_socket() {
     for kind in backends() {
         let server = TestServer::start(kind, |_| {});
         let before = pool_limits(&server);
         let mut c = server.client();
-        let e = c.set_limits(Some(2000), Some(2000), None).unwrap_err();
-        assert!(e.to_string().contains("not allowed"), "{kind}: {e}");
-        let e = c.set_limits(None, Some(1), None).unwrap_err();
-        assert!(e.to_string().contains("not allowed"), "{kind}: {e}");
+        // Procedure 5 was vireo's own SET_LIMITS; the admin socket does this now.
+        let limits: Vec<u8> = [2000i64, 2000, -1]
+            .iter()
+            .flat_map(|v| v.to_be_bytes())
+            .collect();
+        let reply = c.call(5, &limits).unwrap();
+        let message = reply.error_message().expect("an error reply");
+        assert!(
+            message.contains("unknown procedure: 5"),
+            "{kind}: {message}"
+        );
         assert_eq!(pool_limits(&server), before, "{kind}");
         // The connection stays usable.
         assert_eq!(c.echo(b"after").unwrap(), b"after", "{kind}");
@@ -44,25 +51,21 @@ fn set_limits_is_refused_on_the_public_socket_by_default() {
 }
 
 #[test]
-fn set_limits_above_the_ceiling_gets_an_error_and_changes_nothing() {
+fn threadpool_limits_above_the_ceiling_get_an_error_and_change_nothing() {
     for kind in backends() {
-        let server = TestServer::start(kind, |c| {
-            c.allow_set_limits = true;
-            c.worker_ceiling = 8;
-        });
+        let server = TestServer::start(kind, |c| c.worker_ceiling = 8);
         let before = pool_limits(&server);
-        let mut c = server.client();
         for (min, max, prio) in [
             (Some(2000), Some(2000), None),
             (None, Some(9), None),
             (None, None, Some(9)),
-            (Some(9), None, None),
+            (Some(9), Some(9), None),
         ] {
-            let e = c.set_limits(min, max, prio).unwrap_err();
+            let e = server.set_limits(min, max, prio).unwrap_err();
             assert!(e.to_string().contains("ceiling of 8"), "{kind}: {e}");
         }
         assert_eq!(pool_limits(&server), before, "{kind}");
-        c.set_limits(Some(1), Some(8), Some(8)).unwrap();
+        server.set_limits(Some(1), Some(8), Some(8)).unwrap();
         assert_eq!(pool_limits(&server), (1, 8, 8), "{kind}");
     }
 }

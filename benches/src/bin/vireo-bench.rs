@@ -55,7 +55,7 @@ enum Command {
     /// and SVG charts.
     Compare(CompareArgs),
     /// The RPC server under load for a long time (10 minutes by default): clients connecting
-    /// and disconnecting, SLEEP calls, SET_LIMITS changes; checks that every call is answered
+    /// and disconnecting, SLEEP calls, threadpool changes through the admin socket; checks that every call is answered
     /// and that RSS and open fds stay flat.
     Soak(SoakArgs),
 }

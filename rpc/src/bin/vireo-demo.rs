@@ -9,7 +9,7 @@ use vireo_backends::{BackendKind, Choice};
 use vireo_rpc::client::Client;
 use vireo_rpc::load::{LoadConfig, run_load};
 use vireo_rpc::proto::Procedure;
-use vireo_rpc::server::{ListenAddr, Server, ServerConfig};
+use vireo_rpc::server::{DaemonConfig, ListenAddr, Server, ServerConfig};
 
 /// Runs the vireo RPC server on a temporary Unix socket on each compiled backend in turn,
 /// drives it with the load generator (ECHO, HASH, SLEEP and STATS, 8:4:2:1) and prints a table
@@ -76,11 +76,16 @@ fn run_all(args: &Args, kinds: &[BackendKind], dir: &std::path::Path) -> anyhow:
 
 /// One backend; `Ok(false)` when calls were lost or failed.
 fn run_one(args: &Args, kind: BackendKind, path: PathBuf) -> anyhow::Result<bool> {
-    let server = Server::bind(ServerConfig {
-        listen: vec![ListenAddr::Unix(path)],
-        backend: Choice::Only(kind),
-        ..ServerConfig::default()
-    })
+    let server = Server::bind_with(
+        DaemonConfig {
+            backend: Choice::Only(kind),
+            ..DaemonConfig::default()
+        },
+        ServerConfig {
+            listen: vec![ListenAddr::Unix(path)],
+            ..ServerConfig::default()
+        },
+    )
     .with_context(|| format!("cannot start the server on {kind}"))?;
     let addr = server.local_addrs()[0].clone();
     let backend = server.backend_name();

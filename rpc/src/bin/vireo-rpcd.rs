@@ -5,7 +5,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Parser;
 use vireo_backends::Choice;
-use vireo_rpc::server::{ListenAddr, Server, ServerConfig, TEST_PANIC_PROCEDURE};
+use vireo_rpc::demo::TEST_PANIC_PROCEDURE;
+use vireo_rpc::server::{DaemonConfig, ListenAddr, Server, ServerConfig};
 
 /// The vireo RPC server: one event-loop thread for every socket, a worker pool for the calls.
 /// SIGINT or SIGTERM stops it gracefully: no new connections or calls, every call already
@@ -27,7 +28,7 @@ struct Args {
     /// Normal workers at most.
     #[arg(long, default_value_t = 20)]
     max_workers: usize,
-    /// Priority workers (run STATS and SET_LIMITS).
+    /// Priority workers (run STATS).
     #[arg(long, default_value_t = 5)]
     prio_workers: usize,
     /// Calls in flight per client before the server stops reading from it.
@@ -48,10 +49,8 @@ struct Args {
     /// Milliseconds accepting pauses after running out of file descriptors.
     #[arg(long, default_value_t = 5000)]
     accept_retry_ms: u64,
-    /// Accept SET_LIMITS from clients (off by default: any client could change the pool).
-    #[arg(long)]
-    allow_set_limits: bool,
-    /// The highest worker count: --min/--max/--prio-workers and SET_LIMITS stay at or below it.
+    /// The highest worker count: --min/--max/--prio-workers and the admin socket's
+    /// threadpool settings stay at or below it.
     #[arg(long, default_value_t = 64)]
     worker_ceiling: usize,
     /// Bytes of unfinished input buffered for all clients together beyond 128 KiB each;
@@ -65,6 +64,13 @@ struct Args {
     /// Serve no admin socket.
     #[arg(long, conflicts_with = "admin")]
     no_admin: bool,
+    /// The server's name, as virt-admin srv-list shows it.
+    #[arg(long, default_value = "vireo")]
+    name: String,
+    /// Stop (gracefully) after this many seconds with no client connected, as libvirtd's
+    /// --timeout; 0 never. virt-admin daemon-timeout changes it at run time.
+    #[arg(long, value_name = "SECS", default_value_t = 0)]
+    timeout: u32,
     /// Answer a procedure that panics (fault-injection tests only).
     #[arg(long, hide = true)]
     enable_test_procedures: bool,
@@ -88,11 +94,22 @@ fn main() -> anyhow::Result<()> {
     } else {
         args.admin.clone().or_else(|| default_admin(&args.listen))
     };
-    let config = ServerConfig {
+    let daemon = DaemonConfig {
+        backend,
         admin,
         logging: Some(logging),
+        timeout: (args.timeout > 0).then(|| Duration::from_secs(u64::from(args.timeout))),
+        ..DaemonConfig::default()
+    };
+    let programs = if args.enable_test_procedures {
+        vireo_rpc::demo::program_with_test_procedures()
+    } else {
+        vireo_rpc::demo::program()
+    };
+    let config = ServerConfig {
+        name: args.name,
         listen: args.listen,
-        backend,
+        programs: vec![programs],
         min_workers: args.min_workers,
         max_workers: args.max_workers,
         prio_workers: args.prio_workers,
@@ -103,13 +120,11 @@ fn main() -> anyhow::Result<()> {
             .then(|| Duration::from_secs_f64(args.keepalive_interval)),
         keepalive_count: args.keepalive_count,
         accept_retry: Duration::from_millis(args.accept_retry_ms),
-        test_procedures: args.enable_test_procedures,
-        allow_set_limits: args.allow_set_limits,
         worker_ceiling: args.worker_ceiling,
         max_buffered_input: args.max_buffered_input,
         ..ServerConfig::default()
     };
-    let server = Server::bind(config).context("cannot start the server")?;
+    let server = Server::bind_with(daemon, config).context("cannot start the server")?;
     let stop = server.shutdown_handle();
     let (int, term, hup) = (
         rustix::process::Signal::INT.as_raw(),

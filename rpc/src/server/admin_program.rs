@@ -1,20 +1,18 @@
-//! libvirt's admin program (`0x06900690` v1) on the server's admin socket, for stock
+//! libvirt's admin program (`0x06900690` v1) on the daemon's admin socket, for stock
 //! `virt-admin`: connection open/close, lib version, server list and lookup, threadpool
 //! parameters (get and set), client limits (get and set), client list, lookup, information
-//! and close, logging filters and outputs (through [`super::LoggingControl`]), with
-//! libvirtd's parameter names, order, validation and error texts. The daemon timeout (19)
-//! is answered with an error: vireo-rpcd has none. Calls run on the loop thread: they only read or change the
-//! server's own state and the pool's limits.
+//! and close, logging filters and outputs (through [`super::LoggingControl`]) and the daemon
+//! timeout, with libvirtd's parameter names, order, validation and error texts. Calls run on
+//! the loop thread: they only read or change the daemon's own state and the pools' limits.
+
+use std::time::Duration;
 
 use vireo_pool::LimitsError;
 
-use super::{Close, State, kind};
+use super::{Close, State};
 use crate::admin::{ADMIN_PROGRAM, ADMIN_VERSION, procedure};
-use crate::proto::{self, Frame, status};
+use crate::proto::{self, Frame, kind, status};
 use crate::xdr::{Decoder, Encoder, TypedParam, Value, error_body};
-
-/// The one server a vireo daemon holds, as `virt-admin srv-list` shows it.
-pub(super) const SERVER_NAME: &str = "vireo";
 
 /// libvirt's `virErrorNumber`s and domains used here.
 const VIR_ERR_INTERNAL_ERROR: i32 = 1;
@@ -42,17 +40,9 @@ fn invalid_arg(why: &str) -> Failure {
     )
 }
 
-/// The server's name in a call (`admin_nonnull_server`), checked.
-fn server(d: &mut Decoder<'_>) -> Result<String, Failure> {
-    let name = d.string(4096).map_err(malformed)?;
-    if name != SERVER_NAME {
-        return Err((
-            VIR_ERR_NO_SERVER,
-            VIR_FROM_RPC,
-            format!("Server not found: No server named '{name}'"),
-        ));
-    }
-    Ok(name)
+/// A server's name in a call (`admin_nonnull_server`).
+fn server_name(d: &mut Decoder<'_>) -> Result<String, Failure> {
+    d.string(4096).map_err(malformed)
 }
 
 fn done(d: Decoder<'_>) -> Result<(), Failure> {
@@ -109,24 +99,30 @@ impl State {
                 let need = d.u32().map_err(malformed)?;
                 let _flags = d.u32().map_err(malformed)?;
                 done(d)?;
-                let listed = usize::from(need > 0);
+                let names: Vec<&str> = self
+                    .servers
+                    .iter()
+                    .filter(|s| !s.admin)
+                    .map(|s| s.config.name.as_str())
+                    .collect();
+                let listed = names.len().min(need as usize);
                 out.u32(listed as u32);
-                if listed > 0 {
-                    out.string(SERVER_NAME);
+                for name in &names[..listed] {
+                    out.string(name);
                 }
-                out.u32(1);
+                out.u32(names.len() as u32);
             }
             procedure::CONNECT_LOOKUP_SERVER => {
-                let name = server(&mut d)?;
+                let srv = self.server(&mut d)?;
                 let _flags = d.u32().map_err(malformed)?;
                 done(d)?;
-                out.string(&name);
+                out.string(&self.servers[srv].config.name);
             }
             procedure::SERVER_GET_THREADPOOL_PARAMETERS => {
-                server(&mut d)?;
+                let srv = self.server(&mut d)?;
                 let _flags = d.u32().map_err(malformed)?;
                 done(d)?;
-                let s = self.pool.stats();
+                let s = self.pool(srv).stats();
                 let uint = |v: usize| Value::UInt(u32::try_from(v).unwrap_or(u32::MAX));
                 out.typed_params(&[
                     TypedParam::new("minWorkers", uint(s.min_workers)),
@@ -138,62 +134,70 @@ impl State {
                 ]);
             }
             SERVER_SET_THREADPOOL_PARAMETERS => {
-                server(&mut d)?;
+                let srv = self.server(&mut d)?;
                 let params = d.typed_params(32).map_err(malformed)?;
                 let _flags = d.u32().map_err(malformed)?;
                 done(d)?;
-                self.set_threadpool(&params)?;
+                self.set_threadpool(srv, &params)?;
             }
             SERVER_LIST_CLIENTS => {
-                server(&mut d)?;
+                let srv = self.server(&mut d)?;
                 let need = d.u32().map_err(malformed)?;
                 let _flags = d.u32().map_err(malformed)?;
                 done(d)?;
                 let clients: Vec<(u64, i64, u32)> = self
                     .clients
                     .iter()
-                    .filter(|(_, c)| !c.admin)
+                    .filter(|(_, c)| c.server == srv)
                     .map(|(_, c)| (c.uid, c.connected, c.transport()))
                     .collect();
                 let listed = clients.len().min(need as usize);
                 out.u32(listed as u32);
+                let name = &self.servers[srv].config.name;
                 for &(id, ts, transport) in &clients[..listed] {
-                    out.string(SERVER_NAME).u64(id).i64(ts).u32(transport);
+                    out.string(name).u64(id).i64(ts).u32(transport);
                 }
                 out.u32(clients.len() as u32);
             }
             SERVER_LOOKUP_CLIENT => {
-                server(&mut d)?;
+                let srv = self.server(&mut d)?;
                 let id = d.u64().map_err(malformed)?;
                 let _flags = d.u32().map_err(malformed)?;
                 done(d)?;
-                let key = self.client_by_id(id)?;
+                let key = self.client_by_id(srv, id)?;
                 let c = &self.clients[key];
-                out.string(SERVER_NAME)
+                out.string(&self.servers[srv].config.name)
                     .u64(c.uid)
                     .i64(c.connected)
                     .u32(c.transport());
             }
             CLIENT_GET_INFO => {
-                let key = client_ref(&mut d).and_then(|id| self.client_by_id(id))?;
+                let key = self.client_ref(&mut d)?;
                 let _flags = d.u32().map_err(malformed)?;
                 done(d)?;
                 out.typed_params(&self.clients[key].info());
             }
             CLIENT_CLOSE => {
-                let key = client_ref(&mut d).and_then(|id| self.client_by_id(id))?;
+                let key = self.client_ref(&mut d)?;
                 let _flags = d.u32().map_err(malformed)?;
                 done(d)?;
+                let srv = self.clients[key].server;
                 self.close(key, Close::Gone("closed by the admin socket".into()));
                 let h = self.handle.clone();
-                self.check_limits(&h);
+                self.check_limits(&h, srv);
             }
             SERVER_SET_CLIENT_LIMITS => {
-                server(&mut d)?;
+                let srv = self.server(&mut d)?;
                 let params = d.typed_params(32).map_err(malformed)?;
                 let _flags = d.u32().map_err(malformed)?;
                 done(d)?;
-                self.set_client_limits(&params)?;
+                self.set_client_limits(srv, &params)?;
+            }
+            CONNECT_SET_DAEMON_TIMEOUT => {
+                let timeout = d.u32().map_err(malformed)?;
+                let _flags = d.u32().map_err(malformed)?;
+                done(d)?;
+                self.set_timeout(Some(Duration::from_secs(u64::from(timeout))));
             }
             GET_LOGGING_OUTPUTS | GET_LOGGING_FILTERS => {
                 let _flags = d.u32().map_err(malformed)?;
@@ -225,14 +229,14 @@ impl State {
                 set.map_err(|why| invalid_arg(&why))?;
             }
             procedure::SERVER_GET_CLIENT_LIMITS => {
-                server(&mut d)?;
+                let srv = self.server(&mut d)?;
                 let _flags = d.u32().map_err(malformed)?;
                 done(d)?;
-                let clients = self.clients.iter().filter(|(_, c)| !c.admin).count();
+                let s = &self.servers[srv];
                 let uint = |v: usize| Value::UInt(u32::try_from(v).unwrap_or(u32::MAX));
                 out.typed_params(&[
-                    TypedParam::new("nclients_max", uint(self.config.max_clients)),
-                    TypedParam::new("nclients", uint(clients)),
+                    TypedParam::new("nclients_max", uint(s.config.max_clients)),
+                    TypedParam::new("nclients", uint(s.nclients)),
                     // No authentication phase: every client is authenticated once accepted.
                     TypedParam::new("nclients_unauth_max", uint(0)),
                     TypedParam::new("nclients_unauth", uint(0)),
@@ -253,7 +257,7 @@ impl State {
 
     /// libvirt's `adminServerSetThreadPoolParameters`: `minWorkers`, `maxWorkers` and
     /// `prioWorkers` (unsigned ints), each optional; the others keep their values.
-    fn set_threadpool(&mut self, params: &[TypedParam]) -> Result<(), Failure> {
+    fn set_threadpool(&mut self, srv: usize, params: &[TypedParam]) -> Result<(), Failure> {
         let mut limits = [None; 3];
         for p in params {
             let slot = match p.field.as_str() {
@@ -273,7 +277,8 @@ impl State {
             limits[slot] = Some(v as usize);
         }
         // libvirt checks the resulting minimum against the resulting maximum first.
-        let now = self.pool.stats();
+        let pool = self.pool(srv);
+        let now = pool.stats();
         let (min, max) = (
             limits[0].unwrap_or(now.min_workers),
             limits[1].unwrap_or(now.max_workers),
@@ -281,13 +286,13 @@ impl State {
         if min > max {
             return Err(invalid_arg("minWorkers cannot be larger than maxWorkers"));
         }
-        let ceiling = self.ctx.worker_ceiling;
+        let ceiling = self.servers[srv].config.worker_ceiling;
         if let Some(n) = limits.iter().flatten().copied().find(|&n| n > ceiling) {
             return Err(invalid_arg(&format!(
                 "worker limit {n} is above this server's ceiling of {ceiling}"
             )));
         }
-        match self.pool.set_limits(limits[0], limits[1], limits[2]) {
+        match pool.set_limits(limits[0], limits[1], limits[2]) {
             Ok(()) => Ok(()),
             Err(LimitsError::MinAboveMax { .. }) => {
                 Err(invalid_arg("minWorkers cannot be larger than maxWorkers"))
@@ -326,19 +331,47 @@ const SET_LOGGING_OUTPUTS: u32 = 16;
 /// `SET_LOGGING_FILTERS { string* filters, u32 flags }`.
 const SET_LOGGING_FILTERS: u32 = 17;
 
-/// An `admin_nonnull_client` in a call: its server (checked) and id; the timestamp and
-/// transport are the caller's copy and are not trusted.
-fn client_ref(d: &mut Decoder<'_>) -> Result<u64, Failure> {
-    server(d)?;
-    let id = d.u64().map_err(malformed)?;
-    let _timestamp = d.i64().map_err(malformed)?;
-    let _transport = d.u32().map_err(malformed)?;
-    Ok(id)
-}
+/// `CONNECT_SET_DAEMON_TIMEOUT { u32 timeout, u32 flags }`.
+const CONNECT_SET_DAEMON_TIMEOUT: u32 = 19;
 
 impl State {
+    /// The index of the (named) server a call names (`admin_nonnull_server`).
+    fn server(&self, d: &mut Decoder<'_>) -> Result<usize, Failure> {
+        let name = server_name(d)?;
+        self.servers
+            .iter()
+            .position(|s| !s.admin && s.config.name == name)
+            .ok_or_else(|| {
+                (
+                    VIR_ERR_NO_SERVER,
+                    VIR_FROM_RPC,
+                    format!("Server not found: No server named '{name}'"),
+                )
+            })
+    }
+
+    /// The pool of named server `srv`.
+    fn pool(&self, srv: usize) -> std::sync::Arc<vireo_pool::Pool> {
+        std::sync::Arc::clone(
+            self.servers[srv]
+                .pool
+                .as_ref()
+                .expect("a named server has a pool"),
+        )
+    }
+
+    /// The client an `admin_nonnull_client` names: its server (checked) and id; the
+    /// timestamp and transport are the caller's copy and are not trusted.
+    fn client_ref(&self, d: &mut Decoder<'_>) -> Result<usize, Failure> {
+        let srv = self.server(d)?;
+        let id = d.u64().map_err(malformed)?;
+        let _timestamp = d.i64().map_err(malformed)?;
+        let _transport = d.u32().map_err(malformed)?;
+        self.client_by_id(srv, id)
+    }
+
     fn logging(&self) -> Result<std::sync::Arc<dyn super::LoggingControl>, Failure> {
-        self.config.logging.clone().ok_or_else(|| {
+        self.logging.clone().ok_or_else(|| {
             (
                 VIR_ERR_INTERNAL_ERROR,
                 VIR_FROM_RPC,
@@ -347,11 +380,11 @@ impl State {
         })
     }
 
-    /// The key of the (non-admin) client with libvirt id `id`.
-    fn client_by_id(&self, id: u64) -> Result<usize, Failure> {
+    /// The key of server `srv`'s client with libvirt id `id`.
+    fn client_by_id(&self, srv: usize, id: u64) -> Result<usize, Failure> {
         self.clients
             .iter()
-            .find(|(_, c)| c.uid == id && !c.admin)
+            .find(|(_, c)| c.uid == id && c.server == srv)
             .map(|(k, _)| k)
             .ok_or_else(|| {
                 (
@@ -365,7 +398,7 @@ impl State {
     /// libvirt's `virNetServerSetClientLimits`: `nclients_max` and `nclients_unauth_max`
     /// (unsigned ints). vireo has no authentication phase, so the unauthenticated maximum is
     /// 0 and may only be set to 0.
-    fn set_client_limits(&mut self, params: &[TypedParam]) -> Result<(), Failure> {
+    fn set_client_limits(&mut self, srv: usize, params: &[TypedParam]) -> Result<(), Failure> {
         let mut max = None;
         for p in params {
             let Value::UInt(v) = p.value else {
@@ -391,9 +424,9 @@ impl State {
             if max == 0 {
                 return Err(invalid_arg("nclients_max must be at least 1"));
             }
-            self.config.max_clients = max;
+            self.servers[srv].config.max_clients = max;
             let h = self.handle.clone();
-            self.check_limits(&h);
+            self.check_limits(&h, srv);
         }
         Ok(())
     }

@@ -7,8 +7,11 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use vireo_backends::{AnyBackend, BackendKind, Choice};
+use vireo_rpc::admin::AdminClient;
 use vireo_rpc::client::Client;
-use vireo_rpc::server::{ListenAddr, Server, ServerConfig, ServerSummary, ShutdownHandle};
+use vireo_rpc::server::{
+    DaemonConfig, ListenAddr, Server, ServerConfig, ServerSummary, ShutdownHandle,
+};
 
 /// How long any wait in these tests may take before it counts as a failure.
 pub const PATIENCE: Duration = Duration::from_secs(20);
@@ -39,11 +42,12 @@ pub fn backends() -> Vec<BackendKind> {
         .collect()
 }
 
-/// A server running on its own thread, on a Unix socket in a temporary directory; stopped
-/// and joined on drop.
+/// A server running on its own thread, on a Unix socket in a temporary directory, with an
+/// admin socket beside it; stopped and joined on drop.
 pub struct TestServer {
     pub addr: ListenAddr,
     pub addrs: Vec<ListenAddr>,
+    pub admin: std::path::PathBuf,
     pub kind: BackendKind,
     stop: ShutdownHandle,
     thread: Option<JoinHandle<io::Result<ServerSummary>>>,
@@ -53,16 +57,21 @@ pub struct TestServer {
 impl TestServer {
     pub fn start(kind: BackendKind, tweak: impl FnOnce(&mut ServerConfig)) -> TestServer {
         let dir = tempfile::tempdir().expect("temporary directory");
+        let admin = dir.path().join("rpc-admin.sock");
+        let daemon = DaemonConfig {
+            backend: Choice::Only(kind),
+            admin: Some(admin.clone()),
+            ..DaemonConfig::default()
+        };
         let mut config = ServerConfig {
             listen: vec![ListenAddr::Unix(dir.path().join("rpc.sock"))],
-            backend: Choice::Only(kind),
             min_workers: 2,
             max_workers: 4,
             prio_workers: 1,
             ..ServerConfig::default()
         };
         tweak(&mut config);
-        let server = Server::bind(config).expect("server starts");
+        let server = Server::bind_with(daemon, config).expect("server starts");
         let addrs = server.local_addrs().to_vec();
         let addr = addrs[0].clone();
         let stop = server.shutdown_handle();
@@ -70,6 +79,7 @@ impl TestServer {
         TestServer {
             addr,
             addrs,
+            admin,
             kind,
             stop,
             thread: Some(thread),
@@ -81,6 +91,22 @@ impl TestServer {
         let mut c = Client::connect(&self.addr).expect("connect");
         c.set_timeout(Some(PATIENCE)).unwrap();
         c
+    }
+
+    /// A connection to the admin socket (libvirt's admin program).
+    pub fn admin(&self) -> AdminClient {
+        AdminClient::connect(&self.admin).expect("admin connect")
+    }
+
+    /// Sets the pool's limits through the admin socket, as `virt-admin srv-threadpool-set`.
+    pub fn set_limits(
+        &self,
+        min: Option<u32>,
+        max: Option<u32>,
+        prio: Option<u32>,
+    ) -> io::Result<()> {
+        self.admin()
+            .set_threadpool_parameters("vireo", min, max, prio)
     }
 
     /// A raw connection for sending bytes that break the protocol.
