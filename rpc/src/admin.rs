@@ -37,7 +37,8 @@ pub mod procedure {
     pub const CONNECT_CLOSE: u32 = 2;
     /// `CONNECT_GET_LIB_VERSION` -> `u64`.
     pub const CONNECT_GET_LIB_VERSION: u32 = 3;
-    /// `CONNECT_LIST_SERVERS { u32 need_results, u32 flags }` -> servers, count.
+    /// `CONNECT_LIST_SERVERS { u32 need_results, u32 flags }` -> servers, count
+    /// (`need_results` is a flag: 0 asks for the count only).
     pub const CONNECT_LIST_SERVERS: u32 = 4;
     /// `CONNECT_LOOKUP_SERVER { string name, u32 flags }` -> server.
     pub const CONNECT_LOOKUP_SERVER: u32 = 5;
@@ -47,6 +48,8 @@ pub mod procedure {
     pub const SERVER_SET_THREADPOOL_PARAMETERS: u32 = 7;
     /// `SERVER_GET_CLIENT_LIMITS { server, u32 flags }` -> typed parameters.
     pub const SERVER_GET_CLIENT_LIMITS: u32 = 12;
+    /// `CONNECT_SET_DAEMON_TIMEOUT { u32 timeout, u32 flags }`.
+    pub const CONNECT_SET_DAEMON_TIMEOUT: u32 = 19;
 }
 
 /// The largest server list libvirt sends (`ADMIN_SERVER_LIST_MAX`).
@@ -150,7 +153,8 @@ impl AdminClient {
     /// As [`call`](AdminClient::call).
     pub fn list_servers(&mut self) -> io::Result<Vec<String>> {
         let mut args = Encoder::new();
-        args.u32(SERVER_LIST_MAX).u32(0);
+        // `need_results` is a flag, as libvirt's client sends it: 1 asks for the list.
+        args.u32(1).u32(0);
         let body = self.call(procedure::CONNECT_LIST_SERVERS, &args.into_bytes())?;
         let mut d = Decoder::new(&body);
         let n = d.count(SERVER_LIST_MAX, 4).map_err(invalid)?;
@@ -239,6 +243,19 @@ impl AdminClient {
     /// As [`lookup_server`](AdminClient::lookup_server).
     pub fn client_limits(&mut self, server: &str) -> io::Result<Vec<TypedParam>> {
         self.server_params(procedure::SERVER_GET_CLIENT_LIMITS, server)
+    }
+
+    /// Sets the daemon's timeout (`virt-admin daemon-timeout`): it stops after `seconds`
+    /// with no client connected; 0 never.
+    ///
+    /// # Errors
+    ///
+    /// As [`call`](AdminClient::call).
+    pub fn set_daemon_timeout(&mut self, seconds: u32) -> io::Result<()> {
+        let mut args = Encoder::new();
+        args.u32(seconds).u32(0);
+        let body = self.call(procedure::CONNECT_SET_DAEMON_TIMEOUT, &args.into_bytes())?;
+        Decoder::new(&body).finish().map_err(invalid)
     }
 
     /// Closes the admin connection (`CONNECT_CLOSE`).

@@ -178,3 +178,29 @@ fn sighup_is_ignored_and_sigint_stops() {
         assert!(log.contains("stopping"), "{kind}: {log}");
     }
 }
+
+#[test]
+fn the_timeout_option_stops_an_idle_daemon_with_exit_0() {
+    for kind in backends() {
+        let dir = tempfile::tempdir().unwrap();
+        let started = std::time::Instant::now();
+        let (mut child, mut out, addr) = daemon(kind, dir.path(), None, &["--timeout", "1"]);
+        // A client holds it up; after it leaves, one idle second stops the daemon.
+        let mut c = Client::connect(&addr).unwrap();
+        c.set_timeout(Some(PATIENCE)).unwrap();
+        std::thread::sleep(Duration::from_millis(1300));
+        assert_eq!(c.echo(b"still here").unwrap(), b"still here", "{kind}");
+        let left = std::time::Instant::now();
+        drop(c);
+        let status = child.wait().unwrap();
+        assert!(status.success(), "{kind}: {status}");
+        assert!(left.elapsed() >= Duration::from_millis(900), "{kind}");
+        assert!(started.elapsed() < PATIENCE, "{kind}");
+        let mut rest = String::new();
+        out.read_to_string(&mut rest).unwrap();
+        assert!(
+            rest.contains("stopped: 1 clients, 1 calls received"),
+            "{kind}: {rest}"
+        );
+    }
+}

@@ -353,3 +353,97 @@ fn stock_virt_admin_manages_vireo_rpcd() {
         );
     }
 }
+
+#[test]
+fn stock_virt_admin_sets_the_daemon_timeout_and_sees_every_named_server() {
+    let missing = (!Path::new("/usr/bin/virt-admin").exists())
+        .then(|| "/usr/bin/virt-admin (libvirt-clients)".to_owned());
+    if !testing::ready_or_skip("virt-admin against vireo's daemons", missing) {
+        return;
+    }
+    // daemon-timeout: vireo-rpcd has none by default; once set, it stops by itself after
+    // virt-admin (its last client) disconnects, exit 0.
+    let mut d = vireo_rpcd();
+    ok(virt_admin(&d.admin, &["daemon-timeout", "--timeout", "1"]));
+    let asked = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = d.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            asked.elapsed() < common::PATIENCE,
+            "vireo-rpcd did not stop after its daemon timeout"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}");
+    assert!(asked.elapsed() >= std::time::Duration::from_millis(900));
+
+    // Two named servers on one daemon: virt-admin lists them in order and manages each.
+    use vireo_rpc::server::{Daemon, DaemonConfig, ServerConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("admin.sock");
+    let mut daemon = Daemon::new(DaemonConfig {
+        admin: Some(socket.clone()),
+        ..DaemonConfig::default()
+    })
+    .unwrap();
+    let server = |name: &str, workers: usize| ServerConfig {
+        name: name.into(),
+        listen: vec![ListenAddr::Unix(dir.path().join(format!("{name}.sock")))],
+        min_workers: 1,
+        max_workers: workers,
+        prio_workers: 1,
+        keepalive_interval: None,
+        ..ServerConfig::default()
+    };
+    let alpha = daemon.add_server(server("alpha", 2)).unwrap()[0].clone();
+    let beta = daemon.add_server(server("beta", 3)).unwrap()[0].clone();
+    let stop = daemon.shutdown_handle();
+    let running = std::thread::spawn(move || daemon.run());
+    let admin = |args: &[&str]| virt_admin(&socket, args);
+
+    let list = ok(admin(&["srv-list"]));
+    let names: Vec<&str> = list
+        .lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            w.next()?.parse::<u32>().ok()?;
+            w.next()
+        })
+        .collect();
+    assert_eq!(names, ["alpha", "beta"], "{list}");
+    let max = |name: &str| {
+        value(
+            &fields(&ok(admin(&["srv-threadpool-info", name]))),
+            "maxWorkers",
+        )
+    };
+    assert_eq!((max("alpha"), max("beta")), ("2".into(), "3".into()));
+    ok(admin(&["srv-threadpool-set", "beta", "--max-workers", "5"]));
+    assert_eq!((max("alpha"), max("beta")), ("2".into(), "5".into()));
+
+    let mut a = Client::connect(&alpha).unwrap();
+    let mut b = Client::connect(&beta).unwrap();
+    assert_eq!(a.echo(b"a").unwrap(), b"a");
+    assert_eq!(b.echo(b"b").unwrap(), b"b");
+    let ids = |name: &str| -> Vec<String> {
+        ok(admin(&["srv-clients-list", name]))
+            .lines()
+            .filter(|l| l.contains("unix"))
+            .map(|l| l.split_whitespace().next().unwrap().to_owned())
+            .collect()
+    };
+    let (in_alpha, in_beta) = (ids("alpha"), ids("beta"));
+    assert_eq!((in_alpha.len(), in_beta.len()), (1, 1));
+    assert_ne!(in_alpha, in_beta);
+    let e = err(admin(&["client-info", "alpha", &in_beta[0]]));
+    assert!(e.contains("No client with matching ID"), "{e}");
+    ok(admin(&["client-disconnect", "beta", &in_beta[0]]));
+    assert!(b.echo(b"gone").is_err(), "beta's client was still served");
+    assert_eq!(a.echo(b"alpha stays").unwrap(), b"alpha stays");
+    assert_eq!(ids("beta").len(), 0);
+    stop.shutdown();
+    let summary = running.join().unwrap().unwrap();
+    assert_eq!(summary.servers[1].1.clients_accepted, 1);
+}

@@ -153,20 +153,31 @@ fn main() -> anyhow::Result<()> {
     }
     // Readiness line for scripts and tests: every address is bound when it is printed.
     for addr in server.local_addrs() {
-        println!("listening on {addr} (backend {})", server.backend_name());
+        say(format_args!(
+            "listening on {addr} (backend {})",
+            server.backend_name()
+        ));
     }
     if let Some(path) = server.admin_path() {
-        println!("admin on unix:{}", path.display());
+        say(format_args!("admin on unix:{}", path.display()));
     }
     let summary = server.run().context("the event loop failed")?;
-    println!(
+    say(format_args!(
         "stopped: {} clients, {} calls received, {} replies sent, {} replies dropped",
         summary.clients_accepted,
         summary.calls_received,
         summary.replies_sent,
         summary.replies_dropped
-    );
+    ));
     Ok(())
+}
+
+/// A line on stdout for scripts; a closed stdout (the reader went away) is not the daemon's
+/// failure, so it is ignored rather than a panic.
+fn say(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}").and_then(|()| out.flush());
 }
 
 /// `DIR/NAME-admin.sock` beside the first unix listen socket `DIR/NAME.sock`.

@@ -45,6 +45,20 @@ fn server_name(d: &mut Decoder<'_>) -> Result<String, Failure> {
     d.string(4096).map_err(malformed)
 }
 
+/// libvirt's `ADMIN_SERVER_LIST_MAX` and `ADMIN_CLIENT_LIST_MAX`: longer lists are an error
+/// (the client would refuse them).
+fn check_list_len(n: usize) -> Result<(), Failure> {
+    const LIST_MAX: usize = 16384;
+    if n > LIST_MAX {
+        return Err((
+            VIR_ERR_INTERNAL_ERROR,
+            VIR_FROM_RPC,
+            format!("internal error: {n} entries exceed the list limit of {LIST_MAX}"),
+        ));
+    }
+    Ok(())
+}
+
 fn done(d: Decoder<'_>) -> Result<(), Failure> {
     d.finish().map_err(malformed)
 }
@@ -105,7 +119,10 @@ impl State {
                     .filter(|s| !s.admin)
                     .map(|s| s.config.name.as_str())
                     .collect();
-                let listed = names.len().min(need as usize);
+                // `need_results` is a flag (libvirt's client sends 0 or 1): the whole list
+                // or none.
+                let listed = if need == 0 { 0 } else { names.len() };
+                check_list_len(listed)?;
                 out.u32(listed as u32);
                 for name in &names[..listed] {
                     out.string(name);
@@ -151,7 +168,8 @@ impl State {
                     .filter(|(_, c)| c.server == srv)
                     .map(|(_, c)| (c.uid, c.connected, c.transport()))
                     .collect();
-                let listed = clients.len().min(need as usize);
+                let listed = if need == 0 { 0 } else { clients.len() };
+                check_list_len(listed)?;
                 out.u32(listed as u32);
                 let name = &self.servers[srv].config.name;
                 for &(id, ts, transport) in &clients[..listed] {
@@ -193,7 +211,7 @@ impl State {
                 done(d)?;
                 self.set_client_limits(srv, &params)?;
             }
-            CONNECT_SET_DAEMON_TIMEOUT => {
+            procedure::CONNECT_SET_DAEMON_TIMEOUT => {
                 let timeout = d.u32().map_err(malformed)?;
                 let _flags = d.u32().map_err(malformed)?;
                 done(d)?;
@@ -330,9 +348,6 @@ const GET_LOGGING_FILTERS: u32 = 15;
 const SET_LOGGING_OUTPUTS: u32 = 16;
 /// `SET_LOGGING_FILTERS { string* filters, u32 flags }`.
 const SET_LOGGING_FILTERS: u32 = 17;
-
-/// `CONNECT_SET_DAEMON_TIMEOUT { u32 timeout, u32 flags }`.
-const CONNECT_SET_DAEMON_TIMEOUT: u32 = 19;
 
 impl State {
     /// The index of the (named) server a call names (`admin_nonnull_server`).

@@ -1,6 +1,6 @@
 //! Daemons in libvirt's shape: a [`Daemon`] runs one event loop and holds named servers; a
 //! server has listeners, a worker pool, client limits, keepalive and the
-//! [`Program`](crate::program::Program)s it serves; libvirt's admin program, on a socket of
+//! programs ([`Program`]) it serves; libvirt's admin program, on a socket of
 //! its own, administers them all (what stock `virt-admin` speaks).
 //!
 //! The loop thread accepts, reads whole frames (incrementally, across any number of reads),
@@ -55,7 +55,8 @@
 //!     min_workers: 1,
 //!     ..ServerConfig::default()
 //! })?;
-//! let summary = daemon.run()?; // `virt-admin -c vireo:///` lists public and local
+//! // virt-admin -c 'libvirtd:///system?socket=/tmp/vireo-admin.sock' srv-list: public, local
+//! let summary = daemon.run()?;
 //! # Ok::<(), std::io::Error>(())
 //! ```
 
