@@ -202,5 +202,18 @@ fn the_timeout_option_stops_an_idle_daemon_with_exit_0() {
             rest.contains("stopped: 1 clients, 1 calls received"),
             "{kind}: {rest}"
         );
+
+        // Without --timeout, `vireo-rpc admin daemon-timeout` sets one at run time.
+        let (mut child, _out, _) = daemon(kind, dir.path(), None, &[]);
+        let set = Command::new(env!("CARGO_BIN_EXE_vireo-rpc"))
+            .arg("admin")
+            .arg("--socket")
+            .arg(dir.path().join("d-admin.sock"))
+            .args(["daemon-timeout", "1"])
+            .output()
+            .unwrap();
+        assert!(set.status.success(), "{kind}: {set:?}");
+        let status = child.wait().unwrap();
+        assert!(status.success(), "{kind}: {status}");
     }
 }

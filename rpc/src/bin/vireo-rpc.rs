@@ -96,6 +96,12 @@ enum AdminCommand {
         #[arg(long)]
         prio_workers: Option<u32>,
     },
+    /// Sets the daemon's auto-shutdown timeout: it stops after this many seconds with no
+    /// client connected; 0 never (virt-admin daemon-timeout).
+    DaemonTimeout {
+        /// Seconds.
+        timeout: u32,
+    },
     /// A server's client limits (virt-admin srv-clients-info).
     SrvClientsInfo {
         /// The server.
@@ -166,6 +172,7 @@ fn admin(connect: &ListenAddr, args: AdminArgs) -> anyhow::Result<()> {
             print(admin.threadpool_parameters(&server)?);
         }
         AdminCommand::SrvClientsInfo { server } => print(admin.client_limits(&server)?),
+        AdminCommand::DaemonTimeout { timeout } => admin.set_daemon_timeout(timeout)?,
     }
     admin.close()?;
     Ok(())
