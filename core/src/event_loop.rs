@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, Sender};
 
 use crate::local::{LoopLocal, WeakLoopLocal, thread_mark};
-use crate::table::{FileIdent, Garbage, InvokeFn, REMOVED, State, TimerFn, WatchFn};
+use crate::table::{FileIdent, Garbage, InvokeFn, REMOVED, State, TimerFn, Wake, WatchFn};
 use crate::timers::Due;
 use crate::waker::Waker;
 use crate::{Backend, Clock, Error, Events, Frequency, Readiness, TimerId, Token, WatchId};
@@ -463,20 +463,29 @@ struct RunningWatches<'a> {
     taken: &'a mut Vec<Taken>,
 }
 
-impl Drop for RunningWatches<'_> {
-    fn drop(&mut self) {
-        if self.taken.is_empty() {
-            return;
-        }
-        // The last callback has returned.
-        self.shared.set_running(0);
-        let mut state = self.shared.lock();
+impl RunningWatches<'_> {
+    /// Returns every callback to its watch, under the caller's lock.
+    fn put_back(&mut self, state: &mut State) {
         for t in self.taken.drain(..) {
             // Slots are freed only by purges, never during a pass; the id check is a guard.
             if let Some(w) = state.watches.get_mut(t.slot).filter(|w| w.id == t.id) {
                 w.cb = Some(t.cb);
             }
         }
+    }
+}
+
+impl Drop for RunningWatches<'_> {
+    fn drop(&mut self) {
+        // Only when a callback or a queued closure unwinds: the normal path puts them back
+        // with its purge.
+        if self.taken.is_empty() {
+            return;
+        }
+        // The callback that panicked has returned (a second store of 0 is harmless).
+        self.shared.set_running(0);
+        let mut state = self.shared.lock();
+        self.put_back(&mut state);
     }
 }
 
@@ -531,6 +540,10 @@ pub struct EventLoop<B: Backend> {
     due: Vec<Due>,
     /// Index into `due` of the next timer to dispatch; `due[due_next..]` survive a panic.
     due_next: usize,
+    /// Set by an iteration that ended with nothing left to purge or sync: the change counter
+    /// then and when the next wait must end. While the counter has not moved, the next
+    /// iteration needs no lock before its wait.
+    clean: Option<(u64, Wake)>,
     iterations: u64,
     dispatched: u64,
     rebuilds: u64,
@@ -587,6 +600,7 @@ impl<B: Backend> EventLoop<B> {
             invokes,
             due: Vec::new(),
             due_next: 0,
+            clean: None,
             iterations: 0,
             dispatched: 0,
             rebuilds: 0,
@@ -703,47 +717,47 @@ impl<B: Backend> EventLoop<B> {
         }
     }
 
-    /// Starts over with a fresh backend instance when the kernel reported a registration that
-    /// the core no longer has. epoll keys registrations by open file, not fd number: when a
-    /// watched number was closed and reused while another fd kept the old file open, the old
-    /// registration can no longer be deleted and would report the old file forever. Only a new
-    /// epoll instance drops it. poll never gets here (it rebuilds its array from the table).
-    fn replace_backend(&mut self) -> io::Result<()> {
-        let mut backend = self.backend.fresh()?;
-        backend.register(
-            self.handle.shared.waker.raw_fd(),
-            Token::WAKER,
-            Events::READABLE,
-        )?;
-        self.backend = backend;
-        self.rebuilds += 1;
-        let mut state = self.handle.shared.lock();
-        state.forget_kernel();
-        state.sync(&mut self.backend)
-    }
-
     fn iterate(&mut self, max_wait: Option<Duration>) -> io::Result<usize> {
-        let shared = Arc::clone(&self.handle.shared);
-        let _runner = Runner::enter(&shared);
+        // Borrowed, not cloned: no reference-count traffic per iteration.
+        let shared: &Shared = &self.handle.shared;
+        let _runner = Runner::enter(shared);
         // Callback state removed since the last purge: dropped below, on this thread, with
         // no lock held (declared before the lock guard, so also dropped after it on error).
         let mut garbage = Garbage::default();
-        let (timeout, seen) = {
-            let mut state = shared.lock();
-            if self.due_next < self.due.len() {
-                // A timer callback panicked in the previous iteration.
-                state.timers.restore_due(&self.due[self.due_next..]);
+        // Every change up to `seen` was made (under the lock) before it was counted, so the
+        // table read below holds it; a later one shows up in the wait's check of the counter.
+        let seen = shared.waker.seq();
+        let clean = self.clean.take().filter(|&(seq, _)| {
+            // Nothing changed since the last iteration purged and synced, and no timer of a
+            // panicked pass waits to be restored: the table needs no visit.
+            seq == seen && self.due_next == self.due.len()
+        });
+        let mut timeout = match clean {
+            Some((_, wake)) => {
+                self.due.clear();
+                self.due_next = 0;
+                match wake {
+                    Wake::Never => None,
+                    Wake::Now => Some(Duration::ZERO),
+                    Wake::At(deadline) => Some(deadline.saturating_duration_since(shared.now())),
+                }
             }
-            self.due.clear();
-            self.due_next = 0;
-            state.purge(&mut garbage);
-            state.sync(&mut self.backend)?;
-            let mut timeout = state.timeout(|| shared.now());
-            if shared.quit.load(Ordering::SeqCst) {
-                timeout = Some(Duration::ZERO);
+            None => {
+                let mut state = shared.lock();
+                if self.due_next < self.due.len() {
+                    // A timer callback panicked in the previous iteration.
+                    state.timers.restore_due(&self.due[self.due_next..]);
+                }
+                self.due.clear();
+                self.due_next = 0;
+                state.purge(&mut garbage);
+                state.sync(&mut self.backend)?;
+                state.timeout(|| shared.now())
             }
-            (timeout, shared.waker.seq())
         };
+        if shared.quit.load(Ordering::SeqCst) {
+            timeout = Some(Duration::ZERO);
+        }
         drop(garbage);
         // Checked after `seen` was read: a closure queued later bumps the sequence, so the
         // wait below either sees the bump or is woken by the eventfd.
@@ -794,7 +808,7 @@ impl<B: Backend> EventLoop<B> {
                 // Without a fresh instance (out of fds, say) the loop goes on with this one:
                 // the stale reports are dropped as they come, and the next one tries again.
                 drop(state);
-                let _ = self.replace_backend();
+                let _ = replace_backend(&mut self.backend, shared, &mut self.rebuilds);
                 state = shared.lock();
             }
             if !self.candidates.is_sorted_by_key(|c| c.0) {
@@ -835,9 +849,10 @@ impl<B: Backend> EventLoop<B> {
                 }
             }
         }
-        // Returns the watch callbacks also when a timer or watch callback panics.
-        let running = RunningWatches {
-            shared: &shared,
+        // Returns the watch callbacks also when a callback or a queued closure panics;
+        // normally they go back with the purge below, under its lock.
+        let mut running = RunningWatches {
+            shared,
             taken: &mut self.taken,
         };
 
@@ -850,7 +865,7 @@ impl<B: Backend> EventLoop<B> {
                     continue;
                 };
                 let mut timer = RunningTimer {
-                    shared: &shared,
+                    shared,
                     due,
                     cb: Some(cb),
                 };
@@ -887,7 +902,12 @@ impl<B: Backend> EventLoop<B> {
             self.dispatched += 1;
             (t.cb)(&self.handle, t.id, t.fd, deliver);
         }
-        drop(running);
+        // The last watch callback has returned: waiting removers may go on. The callbacks
+        // themselves go back into the table with the purge below (the table never needs
+        // them before: only dispatch runs them).
+        if !running.taken.is_empty() {
+            shared.set_running(0);
+        }
 
         // Closures queued before this phase began run in it; those they queue wait for the
         // next iteration.
@@ -904,17 +924,38 @@ impl<B: Backend> EventLoop<B> {
         let mut garbage = Garbage::default();
         {
             let mut state = shared.lock();
+            running.put_back(&mut state);
             state.purge(&mut garbage);
             // Apply this iteration's removals and changes now rather than at the next
             // iteration: a backend whose pending polls hold file references (io_uring) then
             // lets the caller's close take effect (the peer sees EOF) as soon as run_once
             // returns. An error here leaves the fd dirty; the next iteration retries it and
             // reports the error.
-            let _ = state.sync(&mut self.backend);
+            let synced = state.sync(&mut self.backend).is_ok() && state.is_synced();
+            self.clean = synced.then(|| (shared.waker.seq(), state.next_wake()));
         }
         drop(garbage);
         Ok(count)
     }
+}
+
+/// Starts over with a fresh backend instance when the kernel reported a registration that
+/// the core no longer has. epoll keys registrations by open file, not fd number: when a
+/// watched number was closed and reused while another fd kept the old file open, the old
+/// registration can no longer be deleted and would report the old file forever. Only a new
+/// epoll instance drops it. poll never gets here (it rebuilds its array from the table).
+fn replace_backend<B: Backend>(
+    current: &mut B,
+    shared: &Shared,
+    rebuilds: &mut u64,
+) -> io::Result<()> {
+    let mut backend = current.fresh()?;
+    backend.register(shared.waker.raw_fd(), Token::WAKER, Events::READABLE)?;
+    *current = backend;
+    *rebuilds += 1;
+    let mut state = shared.lock();
+    state.forget_kernel();
+    state.sync(current)
 }
 
 impl<B: Backend> Drop for EventLoop<B> {

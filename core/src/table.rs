@@ -94,6 +94,17 @@ pub(crate) struct Garbage {
     timers: Vec<Box<TimerFn>>,
 }
 
+/// When the loop must wake up at the latest, whatever becomes ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Wake {
+    /// Only readiness or a change wakes it.
+    Never,
+    /// At once: an every-iteration timer, or a refused registration to report.
+    Now,
+    /// At the earliest timer deadline.
+    At(Instant),
+}
+
 #[derive(Default)]
 pub(crate) struct State {
     pub(crate) closed: bool,
@@ -363,13 +374,27 @@ impl State {
     /// timer exists or a failed registration has an `ERROR` to deliver;
     /// `None` when nothing is scheduled.
     pub(crate) fn timeout(&mut self, now: impl FnOnce() -> Instant) -> Option<Duration> {
+        match self.next_wake() {
+            Wake::Never => None,
+            Wake::Now => Some(Duration::ZERO),
+            Wake::At(deadline) => Some(deadline.saturating_duration_since(now())),
+        }
+    }
+
+    /// When the loop must wake up at the latest, whatever is ready.
+    pub(crate) fn next_wake(&mut self) -> Wake {
         if self.timers.has_every() || !self.failed.is_empty() {
-            return Some(Duration::ZERO);
+            return Wake::Now;
         }
         if !self.timers.has_any() {
-            return None;
+            return Wake::Never;
         }
-        self.timers.timeout(now())
+        self.timers.next_deadline().map_or(Wake::Never, Wake::At)
+    }
+
+    /// Whether no fd waits for a change to reach the backend.
+    pub(crate) fn is_synced(&self) -> bool {
+        self.dirty.is_empty()
     }
 
     /// Resolves one backend report into `(watch, slot, events)` candidates. Returns false for a

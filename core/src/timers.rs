@@ -178,11 +178,11 @@ impl Timers {
         !self.every.is_empty()
     }
 
-    /// The time until the earliest periodic deadline, `None` when there is none.
-    pub(crate) fn timeout(&mut self, now: Instant) -> Option<Duration> {
+    /// The earliest deadline of a live timer (dropping stale heap entries on the way).
+    pub(crate) fn next_deadline(&mut self) -> Option<Instant> {
         while let Some(&Reverse((deadline, generation, slot))) = self.heap.peek() {
             if self.live[slot] == generation {
-                return Some(deadline.saturating_duration_since(now));
+                return Some(deadline);
             }
             self.heap.pop();
         }

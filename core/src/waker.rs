@@ -12,9 +12,11 @@ use rustix::event::{EventfdFlags, eventfd};
 /// - a thread that changed the loop's state bumps `seq`, then, if `sleeping` is set, clears it
 ///   and writes the eventfd: only the first changer after the loop went to sleep pays the
 ///   syscall, and changes made on the loop thread (while it is not asleep) never do;
-/// - the loop notes `seq` while it holds the state lock (so every change up to that value is in
-///   what it saw), sets `sleeping`, then reads `seq` again: a change it did not see either shows
-///   up there (it waits with a zero timeout) or finds `sleeping` set and writes the eventfd.
+/// - the loop notes `seq` before it reads the state (a change is counted only after it was
+///   made under the state lock, so every change up to that value is in what it reads; when
+///   `seq` has not moved since the previous iteration left the state clean, it reads nothing),
+///   sets `sleeping`, then reads `seq` again: a change it did not see either shows up there
+///   (it waits with a zero timeout) or finds `sleeping` set and writes the eventfd.
 pub(crate) struct Waker {
     fd: OwnedFd,
     sleeping: AtomicBool,
@@ -47,7 +49,7 @@ impl Waker {
         }
     }
 
-    /// The change counter; read under the state lock before going to sleep.
+    /// The change counter; read before the loop reads the state it waits on.
     pub(crate) fn seq(&self) -> u64 {
         self.seq.load(SeqCst)
     }

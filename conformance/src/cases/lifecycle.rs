@@ -629,6 +629,46 @@ pub fn panicking_callback_leaves_loop_usable<B: Backend>() {
     assert!(!ticks.is_empty());
 }
 
+/// A queued closure that panics after watch callbacks ran in the same iteration unwinds out of
+/// run_once; those watches keep their callbacks and fire again.
+pub fn panicking_invoke_keeps_the_watches_of_its_iteration<B: Backend>() {
+    let mut lp = new_loop::<B>();
+    let (r, w) = pipe();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&calls);
+    let h = lp.handle().clone();
+    let watch = h
+        .add_handle(raw(&r), Events::READABLE, move |h, _, _, _| {
+            // Not drained: level-triggered, it stays ready.
+            if counter.fetch_add(1, Ordering::SeqCst) == 0 {
+                h.invoke(|_| panic!("deliberate panic from a queued closure"))
+                    .unwrap();
+            }
+        })
+        .unwrap();
+    write(&w, b"x");
+    let mut panicked = false;
+    for _ in 0..100 {
+        match catch_unwind(AssertUnwindSafe(|| {
+            lp.run_once_timeout(Duration::from_millis(50))
+        })) {
+            Err(_) => {
+                panicked = true;
+                break;
+            }
+            Ok(r) => {
+                r.unwrap();
+            }
+        }
+    }
+    assert!(panicked, "the closure's panic did not reach the caller");
+    let before = calls.load(Ordering::SeqCst);
+    run_until(&mut lp, "the watch after the closure's panic", || {
+        calls.load(Ordering::SeqCst) > before
+    });
+    lp.handle().remove_handle(watch).unwrap();
+}
+
 /// A panicking timer callback unwinds out of run_once; the timers that were due after it in
 /// the same pass are not lost and fire in the next iteration, and the panicking timer stays.
 pub fn panicking_timer_loses_no_due_timer<B: Backend>() {

@@ -45,6 +45,49 @@ pub fn add_from_other_thread_wakes_blocked_loop<B: Backend>() {
     run_until(&mut lp, "the timer", || !log.is_empty());
 }
 
+/// Iterations in which nothing changes keep every rule: a quiet loop still wakes for a change
+/// from another thread, and for the deadline of a timer it was given before it went quiet.
+pub fn quiet_iterations_still_see_changes_and_deadlines<B: Backend>() {
+    let mut lp = new_loop::<B>();
+    for _ in 0..3 {
+        lp.run_once_timeout(Duration::ZERO).unwrap();
+    }
+    let log = Recorder::new();
+    let sink = log.clone();
+    let took = blocked_iteration(&mut lp, move |h| {
+        h.add_timeout(Frequency::Period(Duration::from_millis(20)), sink.timer())
+            .unwrap();
+    });
+    assert!(took < WAKE_BOUND, "a quiet loop woke after {took:?}");
+    // No more changes: each blocking iteration ends at the timer's next deadline.
+    let start = Instant::now();
+    while log.len() < 5 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the periodic timer fired {} times",
+            log.len()
+        );
+        // Bounded, so a loop that forgot the deadline fails here instead of hanging.
+        lp.run_once_timeout(Duration::from_secs(5)).unwrap();
+    }
+    // A change from another thread still reaches a loop whose last iterations were quiet.
+    let (r, w) = pipe();
+    let events = Recorder::new();
+    let watch = lp
+        .handle()
+        .add_handle(raw(&r), Events::empty(), events.draining_watch())
+        .unwrap();
+    write(&w, b"x");
+    lp.run_once_timeout(Duration::ZERO).unwrap();
+    lp.run_once_timeout(Duration::ZERO).unwrap();
+    assert!(events.is_empty(), "a paused watch fired");
+    let took = blocked_iteration(&mut lp, move |h| {
+        h.update_handle(watch, Events::READABLE).unwrap();
+    });
+    assert!(took < WAKE_BOUND, "woke after {took:?}");
+    run_until(&mut lp, "the resumed watch", || !events.is_empty());
+}
+
 /// An update from another thread (enabling a readable watch) wakes the loop and takes effect.
 pub fn update_from_other_thread_wakes_blocked_loop<B: Backend>() {
     let mut lp = new_loop::<B>();
