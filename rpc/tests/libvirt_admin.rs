@@ -106,3 +106,182 @@ fn libvirt_admin_reads_libvirtd_as_virt_admin_does() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("nosuch"), "{err}");
 }
+
+/// The admin program's refusals, text for text: raw calls (rpc/tests/admin/raw_calls.py)
+/// that libvirt's own client would not make (flags, unknown servers and clients) get the same
+/// error code and message from vireo's admin socket as from libvirtd's.
+#[test]
+fn admin_refusals_match_libvirtd_text_for_text() {
+    let missing = testing::missing(&[]);
+    if !testing::ready_or_skip("admin refusals against libvirtd", missing) {
+        return;
+    }
+    use vireo_rpc::server::{Daemon, DaemonConfig, ListenAddr, ServerConfig};
+    use vireo_rpc::xdr::{Encoder, TypedParam, Value};
+
+    let real = SessionDaemon::start("").unwrap_or_else(|e| panic!("{e}"));
+    let script = real.dir().join("raw_calls.py");
+    std::fs::write(&script, include_str!("admin/raw_calls.py")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let admin = dir.path().join("admin.sock");
+    let mut daemon = Daemon::new(DaemonConfig {
+        admin: Some(admin.clone()),
+        ..DaemonConfig::default()
+    })
+    .unwrap();
+    daemon
+        .add_server(ServerConfig {
+            listen: vec![ListenAddr::Unix(dir.path().join("s.sock"))],
+            min_workers: 1,
+            ..ServerConfig::default()
+        })
+        .unwrap();
+    let stop = daemon.shutdown_handle();
+    let running = std::thread::spawn(move || daemon.run());
+
+    // (procedure, body) for a daemon whose first server is `server`.
+    let cases = |server: &str| -> Vec<String> {
+        let body = |f: &dyn Fn(&mut Encoder)| {
+            let mut e = Encoder::new();
+            f(&mut e);
+            e.into_bytes()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        };
+        let client = |e: &mut Encoder, srv: &str, id: u64| {
+            e.string(srv).u64(id).i64(0).u32(0);
+        };
+        vec![
+            format!("4:{}", body(&|e| drop(e.u32(1).u32(1)))),
+            format!("5:{}", body(&|e| drop(e.string(server).u32(7)))),
+            format!("6:{}", body(&|e| drop(e.string("nosuch").u32(1)))),
+            format!("6:{}", body(&|e| drop(e.string(server).u32(1)))),
+            format!("7:{}", body(&|e| drop(e.string("nosuch").u32(0).u32(0)))),
+            format!("7:{}", body(&|e| drop(e.string(server).u32(0).u32(4)))),
+            format!("8:{}", body(&|e| drop(e.string(server).u32(1).u32(2)))),
+            format!(
+                "9:{}",
+                body(&|e| drop(e.string(server).u64(999_999).u32(1)))
+            ),
+            format!(
+                "9:{}",
+                body(&|e| drop(e.string(server).u64(999_999).u32(0)))
+            ),
+            format!(
+                "10:{}",
+                body(&|e| {
+                    client(e, server, 999_999);
+                    e.u32(0);
+                })
+            ),
+            format!(
+                "10:{}",
+                body(&|e| {
+                    client(e, "nosuch", 1);
+                    e.u32(0);
+                })
+            ),
+            format!(
+                "11:{}",
+                body(&|e| {
+                    client(e, server, 999_999);
+                    e.u32(0);
+                })
+            ),
+            format!("12:{}", body(&|e| drop(e.string(server).u32(1)))),
+            format!("13:{}", body(&|e| drop(e.string("nosuch").u32(0).u32(0)))),
+            format!("15:{}", body(&|e| drop(e.u32(1)))),
+            format!("17:{}", body(&|e| drop(e.opt_string(None).u32(1)))),
+            format!("19:{}", body(&|e| drop(e.u32(0).u32(1)))),
+            // Refused values: none of them changes anything.
+            format!(
+                "7:{}",
+                body(&|e| {
+                    let p = [TypedParam::new("minWorkers", Value::UInt(30))];
+                    e.string(server).typed_params(&p).u32(0);
+                })
+            ),
+            format!(
+                "7:{}",
+                body(&|e| {
+                    let p = [TypedParam::new("bogus", Value::UInt(1))];
+                    e.string(server).typed_params(&p).u32(0);
+                })
+            ),
+            format!(
+                "7:{}",
+                body(&|e| {
+                    let p = [TypedParam::new("maxWorkers", Value::Int(3))];
+                    e.string(server).typed_params(&p).u32(0);
+                })
+            ),
+            format!(
+                "7:{}",
+                body(&|e| {
+                    let p = [
+                        TypedParam::new("prioWorkers", Value::UInt(1)),
+                        TypedParam::new("minWorkers", Value::UInt(1)),
+                        TypedParam::new("minWorkers", Value::UInt(2)),
+                    ];
+                    e.string(server).typed_params(&p).u32(0);
+                })
+            ),
+            format!(
+                "7:{}",
+                body(&|e| {
+                    let p = [
+                        TypedParam::new("zeta", Value::UInt(1)),
+                        TypedParam::new("maxWorkers", Value::String("x".into())),
+                    ];
+                    e.string(server).typed_params(&p).u32(0);
+                })
+            ),
+            format!(
+                "13:{}",
+                body(&|e| {
+                    let p = [TypedParam::new("nclients_max", Value::Int(10))];
+                    e.string(server).typed_params(&p).u32(0);
+                })
+            ),
+        ]
+    };
+    let run = |mut cmd: std::process::Command, socket: &Path, server: &str| {
+        let out = cmd
+            .arg(&script)
+            .arg(socket)
+            .args(cases(server))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let theirs = run(
+        real.as_daemon_user(Path::new("/usr/bin/python3")),
+        &real.admin_socket(),
+        "libvirtd",
+    );
+    let ours = run(
+        std::process::Command::new("/usr/bin/python3"),
+        &admin,
+        "vireo",
+    );
+    stop.shutdown();
+    running.join().unwrap().unwrap();
+    let cases = cases("vireo");
+    let differ: Vec<String> = cases
+        .iter()
+        .zip(ours.lines())
+        .zip(theirs.lines())
+        .filter(|((_, o), t)| o != t)
+        .map(|((case, o), t)| format!("call {case}\n  vireo:    {o}\n  libvirtd: {t}"))
+        .collect();
+    assert!(differ.is_empty(), "\n{}", differ.join("\n"));
+    assert_eq!(ours.lines().count(), cases.len(), "{ours}");
+    assert_eq!(theirs.lines().count(), cases.len(), "{theirs}");
+}

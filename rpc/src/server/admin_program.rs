@@ -17,6 +17,7 @@ use crate::xdr::{Decoder, Encoder, TypedParam, Value, error_body};
 /// libvirt's `virErrorNumber`s and domains used here.
 const VIR_ERR_INTERNAL_ERROR: i32 = 1;
 const VIR_ERR_INVALID_ARG: i32 = 8;
+const VIR_ERR_ARGUMENT_UNSUPPORTED: i32 = 74;
 const VIR_ERR_NO_SERVER: i32 = 95;
 const VIR_FROM_NONE: i32 = 0;
 const VIR_FROM_RPC: i32 = 7;
@@ -54,6 +55,58 @@ fn check_list_len(n: usize) -> Result<(), Failure> {
             VIR_ERR_INTERNAL_ERROR,
             VIR_FROM_RPC,
             format!("internal error: {n} entries exceed the list limit of {LIST_MAX}"),
+        ));
+    }
+    Ok(())
+}
+
+/// libvirt's `virTypedParamsValidate` for parameters that are all unsigned ints: in the order
+/// of their names, each must be one of `allowed`, at most once, of type uint.
+fn validate_uints(params: &[TypedParam], allowed: &[&str]) -> Result<(), Failure> {
+    let mut sorted: Vec<&TypedParam> = params.iter().collect();
+    sorted.sort_by(|a, b| a.field.cmp(&b.field));
+    for (i, p) in sorted.iter().enumerate() {
+        if !allowed.contains(&p.field.as_str()) {
+            return Err((
+                VIR_ERR_ARGUMENT_UNSUPPORTED,
+                VIR_FROM_NONE,
+                format!(
+                    "argument unsupported: parameter '{}' not supported",
+                    p.field
+                ),
+            ));
+        }
+        if i > 0 && sorted[i - 1].field == p.field {
+            return Err(invalid_arg(&format!(
+                "parameter '{}' occurs multiple times",
+                p.field
+            )));
+        }
+        let kind = match p.value {
+            Value::UInt(_) => continue,
+            Value::Int(_) => "int",
+            Value::LLong(_) => "llong",
+            Value::ULLong(_) => "ullong",
+            Value::Double(_) => "double",
+            Value::Boolean(_) => "boolean",
+            Value::String(_) => "string",
+        };
+        return Err(invalid_arg(&format!(
+            "invalid type '{kind}' for parameter '{}', expected 'uint'",
+            p.field
+        )));
+    }
+    Ok(())
+}
+
+/// libvirt's `virCheckFlags(0, ...)`: these procedures take no flags.
+fn no_flags(flags: u32, function: &str) -> Result<(), Failure> {
+    if flags != 0 {
+        // virReportInvalidArg: no "invalid argument: " before it.
+        return Err((
+            VIR_ERR_INVALID_ARG,
+            VIR_FROM_NONE,
+            format!("unsupported flags ({flags:#x}) in function {function}"),
         ));
     }
     Ok(())
@@ -101,8 +154,9 @@ impl State {
         let mut out = Encoder::new();
         match proc_ {
             procedure::CONNECT_OPEN => {
-                let _flags = d.u32().map_err(malformed)?;
+                let flags = d.u32().map_err(malformed)?;
                 done(d)?;
+                no_flags(flags, "adminDispatchConnectOpen")?;
             }
             procedure::CONNECT_CLOSE => done(d)?,
             procedure::CONNECT_GET_LIB_VERSION => {
@@ -111,8 +165,9 @@ impl State {
             }
             procedure::CONNECT_LIST_SERVERS => {
                 let need = d.u32().map_err(malformed)?;
-                let _flags = d.u32().map_err(malformed)?;
+                let flags = d.u32().map_err(malformed)?;
                 done(d)?;
+                no_flags(flags, "adminConnectListServers")?;
                 let names: Vec<&str> = self
                     .servers
                     .iter()
@@ -130,15 +185,19 @@ impl State {
                 out.u32(names.len() as u32);
             }
             procedure::CONNECT_LOOKUP_SERVER => {
-                let srv = self.server(&mut d)?;
+                let name = server_name(&mut d)?;
+                // Any flags: libvirt's adminConnectLookupServer checks them against themselves.
                 let _flags = d.u32().map_err(malformed)?;
                 done(d)?;
+                let srv = self.find_server(&name)?;
                 out.string(&self.servers[srv].config.name);
             }
             procedure::SERVER_GET_THREADPOOL_PARAMETERS => {
-                let srv = self.server(&mut d)?;
-                let _flags = d.u32().map_err(malformed)?;
+                let name = server_name(&mut d)?;
+                let flags = d.u32().map_err(malformed)?;
                 done(d)?;
+                let srv = self.find_server(&name)?;
+                no_flags(flags, "adminServerGetThreadPoolParameters")?;
                 let s = self.pool(srv).stats();
                 let uint = |v: usize| Value::UInt(u32::try_from(v).unwrap_or(u32::MAX));
                 out.typed_params(&[
@@ -151,17 +210,21 @@ impl State {
                 ]);
             }
             SERVER_SET_THREADPOOL_PARAMETERS => {
-                let srv = self.server(&mut d)?;
+                let name = server_name(&mut d)?;
                 let params = d.typed_params(32).map_err(malformed)?;
-                let _flags = d.u32().map_err(malformed)?;
+                let flags = d.u32().map_err(malformed)?;
                 done(d)?;
+                let srv = self.find_server_named_in_call(&name)?;
+                no_flags(flags, "adminServerSetThreadPoolParameters")?;
                 self.set_threadpool(srv, &params)?;
             }
             SERVER_LIST_CLIENTS => {
-                let srv = self.server(&mut d)?;
+                let name = server_name(&mut d)?;
                 let need = d.u32().map_err(malformed)?;
-                let _flags = d.u32().map_err(malformed)?;
+                let flags = d.u32().map_err(malformed)?;
                 done(d)?;
+                let srv = self.find_server(&name)?;
+                no_flags(flags, "adminServerListClients")?;
                 let clients: Vec<(u64, i64, u32)> = self
                     .clients
                     .iter()
@@ -178,10 +241,12 @@ impl State {
                 out.u32(clients.len() as u32);
             }
             SERVER_LOOKUP_CLIENT => {
-                let srv = self.server(&mut d)?;
+                let name = server_name(&mut d)?;
                 let id = d.u64().map_err(malformed)?;
-                let _flags = d.u32().map_err(malformed)?;
+                let flags = d.u32().map_err(malformed)?;
                 done(d)?;
+                let srv = self.find_server(&name)?;
+                no_flags(flags, "adminServerLookupClient")?;
                 let key = self.client_by_id(srv, id)?;
                 let c = &self.clients[key];
                 out.string(&self.servers[srv].config.name)
@@ -190,36 +255,57 @@ impl State {
                     .u32(c.transport());
             }
             CLIENT_GET_INFO => {
-                let key = self.client_ref(&mut d)?;
-                let _flags = d.u32().map_err(malformed)?;
+                let (name, id) = Self::client_ref(&mut d)?;
+                let flags = d.u32().map_err(malformed)?;
                 done(d)?;
+                let srv = self.find_server_named_in_call(&name)?;
+                let key = self.client_by_id(srv, id).map_err(|(code, domain, _)| {
+                    let why = format!("Client not found: no client with matching id '{id}' found");
+                    (code, domain, why)
+                })?;
+                no_flags(flags, "adminClientGetInfo")?;
                 out.typed_params(&self.clients[key].info());
             }
             CLIENT_CLOSE => {
-                let key = self.client_ref(&mut d)?;
-                let _flags = d.u32().map_err(malformed)?;
+                let (name, id) = Self::client_ref(&mut d)?;
+                let flags = d.u32().map_err(malformed)?;
                 done(d)?;
+                let key = self
+                    .find_server(&name)
+                    .and_then(|srv| self.client_by_id(srv, id))?;
+                no_flags(flags, "adminClientClose")?;
                 let srv = self.clients[key].server;
                 self.close(key, Close::Gone("closed by the admin socket".into()));
                 let h = self.handle.clone();
                 self.check_limits(&h, srv);
             }
             SERVER_SET_CLIENT_LIMITS => {
-                let srv = self.server(&mut d)?;
+                let name = server_name(&mut d)?;
                 let params = d.typed_params(32).map_err(malformed)?;
-                let _flags = d.u32().map_err(malformed)?;
+                let flags = d.u32().map_err(malformed)?;
                 done(d)?;
+                let srv = self.find_server_named_in_call(&name)?;
+                no_flags(flags, "adminServerSetClientLimits")?;
                 self.set_client_limits(srv, &params)?;
             }
             procedure::CONNECT_SET_DAEMON_TIMEOUT => {
                 let timeout = d.u32().map_err(malformed)?;
-                let _flags = d.u32().map_err(malformed)?;
+                let flags = d.u32().map_err(malformed)?;
                 done(d)?;
+                no_flags(flags, "adminConnectSetDaemonTimeout")?;
                 self.set_timeout(Some(Duration::from_secs(u64::from(timeout))));
             }
             GET_LOGGING_OUTPUTS | GET_LOGGING_FILTERS => {
-                let _flags = d.u32().map_err(malformed)?;
+                let flags = d.u32().map_err(malformed)?;
                 done(d)?;
+                no_flags(
+                    flags,
+                    if proc_ == GET_LOGGING_OUTPUTS {
+                        "adminConnectGetLoggingOutputs"
+                    } else {
+                        "adminConnectGetLoggingFilters"
+                    },
+                )?;
                 let log = self.logging()?;
                 let text = if proc_ == GET_LOGGING_OUTPUTS {
                     log.outputs()
@@ -236,8 +322,16 @@ impl State {
             }
             SET_LOGGING_OUTPUTS | SET_LOGGING_FILTERS => {
                 let text = d.opt_string(crate::xdr::STRING_MAX).map_err(malformed)?;
-                let _flags = d.u32().map_err(malformed)?;
+                let flags = d.u32().map_err(malformed)?;
                 done(d)?;
+                no_flags(
+                    flags,
+                    if proc_ == SET_LOGGING_OUTPUTS {
+                        "adminConnectSetLoggingOutputs"
+                    } else {
+                        "adminConnectSetLoggingFilters"
+                    },
+                )?;
                 let log = self.logging()?;
                 let set = if proc_ == SET_LOGGING_OUTPUTS {
                     log.set_outputs(text.as_deref())
@@ -247,9 +341,11 @@ impl State {
                 set.map_err(|why| invalid_arg(&why))?;
             }
             procedure::SERVER_GET_CLIENT_LIMITS => {
-                let srv = self.server(&mut d)?;
-                let _flags = d.u32().map_err(malformed)?;
+                let name = server_name(&mut d)?;
+                let flags = d.u32().map_err(malformed)?;
                 done(d)?;
+                let srv = self.find_server(&name)?;
+                no_flags(flags, "adminServerGetClientLimits")?;
                 let s = &self.servers[srv];
                 let uint = |v: usize| Value::UInt(u32::try_from(v).unwrap_or(u32::MAX));
                 out.typed_params(&[
@@ -276,23 +372,17 @@ impl State {
     /// libvirt's `adminServerSetThreadPoolParameters`: `minWorkers`, `maxWorkers` and
     /// `prioWorkers` (unsigned ints), each optional; the others keep their values.
     fn set_threadpool(&mut self, srv: usize, params: &[TypedParam]) -> Result<(), Failure> {
+        validate_uints(params, &["minWorkers", "maxWorkers", "prioWorkers"])?;
         let mut limits = [None; 3];
         for p in params {
             let slot = match p.field.as_str() {
                 "minWorkers" => 0,
                 "maxWorkers" => 1,
-                "prioWorkers" => 2,
-                other => {
-                    return Err(invalid_arg(&format!("parameter '{other}' not supported")));
-                }
+                _ => 2,
             };
-            let Value::UInt(v) = p.value else {
-                return Err(invalid_arg(&format!(
-                    "invalid type for parameter '{}'",
-                    p.field
-                )));
-            };
-            limits[slot] = Some(v as usize);
+            if let Value::UInt(v) = p.value {
+                limits[slot] = Some(v as usize);
+            }
         }
         // libvirt checks the resulting minimum against the resulting maximum first.
         let pool = self.pool(srv);
@@ -350,9 +440,18 @@ const SET_LOGGING_OUTPUTS: u32 = 16;
 const SET_LOGGING_FILTERS: u32 = 17;
 
 impl State {
-    /// The index of the (named) server a call names (`admin_nonnull_server`).
-    fn server(&self, d: &mut Decoder<'_>) -> Result<usize, Failure> {
-        let name = server_name(d)?;
+    /// [`find_server`](State::find_server) with the text libvirtd's hand-written
+    /// dispatchers use (set threadpool, set client limits, client info); the others report
+    /// the lookup's own.
+    fn find_server_named_in_call(&self, name: &str) -> Result<usize, Failure> {
+        self.find_server(name).map_err(|(code, domain, _)| {
+            let why = format!("Server not found: no server with matching name '{name}' found");
+            (code, domain, why)
+        })
+    }
+
+    /// The index of the (named) server called `name`.
+    fn find_server(&self, name: &str) -> Result<usize, Failure> {
         self.servers
             .iter()
             .position(|s| !s.admin && s.config.name == name)
@@ -377,12 +476,12 @@ impl State {
 
     /// The client an `admin_nonnull_client` names: its server (checked) and id; the
     /// timestamp and transport are the caller's copy and are not trusted.
-    fn client_ref(&self, d: &mut Decoder<'_>) -> Result<usize, Failure> {
-        let srv = self.server(d)?;
+    fn client_ref(d: &mut Decoder<'_>) -> Result<(String, u64), Failure> {
+        let name = server_name(d)?;
         let id = d.u64().map_err(malformed)?;
         let _timestamp = d.i64().map_err(malformed)?;
         let _transport = d.u32().map_err(malformed)?;
-        self.client_by_id(srv, id)
+        Ok((name, id))
     }
 
     fn logging(&self) -> Result<std::sync::Arc<dyn super::LoggingControl>, Failure> {
@@ -414,24 +513,19 @@ impl State {
     /// (unsigned ints). vireo has no authentication phase, so the unauthenticated maximum is
     /// 0 and may only be set to 0.
     fn set_client_limits(&mut self, srv: usize, params: &[TypedParam]) -> Result<(), Failure> {
+        validate_uints(params, &["nclients_max", "nclients_unauth_max"])?;
         let mut max = None;
         for p in params {
             let Value::UInt(v) = p.value else {
-                return Err(invalid_arg(&format!(
-                    "invalid type for parameter '{}'",
-                    p.field
-                )));
+                continue;
             };
             match p.field.as_str() {
                 "nclients_max" => max = Some(v as usize),
-                "nclients_unauth_max" if v == 0 => {}
-                "nclients_unauth_max" => {
+                _ if v == 0 => {}
+                _ => {
                     return Err(invalid_arg(
                         "nclients_unauth_max must be 0: vireo-rpcd has no authentication phase",
                     ));
-                }
-                other => {
-                    return Err(invalid_arg(&format!("parameter '{other}' not supported")));
                 }
             }
         }
