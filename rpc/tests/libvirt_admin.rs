@@ -153,20 +153,59 @@ fn admin_refusals_match_libvirtd_text_for_text() {
             e.string(srv).u64(id).i64(0).u32(0);
         };
         vec![
-            format!("4:{}", body(&|e| drop(e.u32(1).u32(1)))),
-            format!("5:{}", body(&|e| drop(e.string(server).u32(7)))),
-            format!("6:{}", body(&|e| drop(e.string("nosuch").u32(1)))),
-            format!("6:{}", body(&|e| drop(e.string(server).u32(1)))),
-            format!("7:{}", body(&|e| drop(e.string("nosuch").u32(0).u32(0)))),
-            format!("7:{}", body(&|e| drop(e.string(server).u32(0).u32(4)))),
-            format!("8:{}", body(&|e| drop(e.string(server).u32(1).u32(2)))),
             format!(
-                "9:{}",
-                body(&|e| drop(e.string(server).u64(999_999).u32(1)))
+                "4:{}",
+                body(&|e| {
+                    e.u32(1).u32(1);
+                })
+            ),
+            format!(
+                "5:{}",
+                body(&|e| {
+                    e.string(server).u32(7);
+                })
+            ),
+            format!(
+                "6:{}",
+                body(&|e| {
+                    e.string("nosuch").u32(1);
+                })
+            ),
+            format!(
+                "6:{}",
+                body(&|e| {
+                    e.string(server).u32(1);
+                })
+            ),
+            format!(
+                "7:{}",
+                body(&|e| {
+                    e.string("nosuch").u32(0).u32(0);
+                })
+            ),
+            format!(
+                "7:{}",
+                body(&|e| {
+                    e.string(server).u32(0).u32(4);
+                })
+            ),
+            format!(
+                "8:{}",
+                body(&|e| {
+                    e.string(server).u32(1).u32(2);
+                })
             ),
             format!(
                 "9:{}",
-                body(&|e| drop(e.string(server).u64(999_999).u32(0)))
+                body(&|e| {
+                    e.string(server).u64(999_999).u32(1);
+                })
+            ),
+            format!(
+                "9:{}",
+                body(&|e| {
+                    e.string(server).u64(999_999).u32(0);
+                })
             ),
             format!(
                 "10:{}",
@@ -189,11 +228,36 @@ fn admin_refusals_match_libvirtd_text_for_text() {
                     e.u32(0);
                 })
             ),
-            format!("12:{}", body(&|e| drop(e.string(server).u32(1)))),
-            format!("13:{}", body(&|e| drop(e.string("nosuch").u32(0).u32(0)))),
-            format!("15:{}", body(&|e| drop(e.u32(1)))),
-            format!("17:{}", body(&|e| drop(e.opt_string(None).u32(1)))),
-            format!("19:{}", body(&|e| drop(e.u32(0).u32(1)))),
+            format!(
+                "12:{}",
+                body(&|e| {
+                    e.string(server).u32(1);
+                })
+            ),
+            format!(
+                "13:{}",
+                body(&|e| {
+                    e.string("nosuch").u32(0).u32(0);
+                })
+            ),
+            format!(
+                "15:{}",
+                body(&|e| {
+                    e.u32(1);
+                })
+            ),
+            format!(
+                "17:{}",
+                body(&|e| {
+                    e.opt_string(None).u32(1);
+                })
+            ),
+            format!(
+                "19:{}",
+                body(&|e| {
+                    e.u32(0).u32(1);
+                })
+            ),
             // Refused values: none of them changes anything.
             format!(
                 "7:{}",
