@@ -205,6 +205,7 @@ macro_rules! __conformance_cases {
             threads::wakeups_only_while_asleep_and_coalesced,
             threads::no_wake_writes_while_the_loop_never_blocks,
             threads::remove_from_other_thread_waits_for_a_running_callback,
+            threads::removes_racing_dispatch_never_overlap_a_callback,
             threads::loop_created_on_one_thread_runs_on_another,
             threads::public_types_are_send_and_sync,
             threads::nowait_changes_return_while_the_callback_runs,

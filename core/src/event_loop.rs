@@ -55,10 +55,12 @@ impl Shared {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Called after watch `id` was removed or paused, with the lock released: from another
-    /// thread, waits until an invocation of it that had already started returns, so that
-    /// nothing of it runs once the caller returns. The loop thread never waits (the
-    /// invocation is its own caller).
+    /// Called after watch `id` was removed or paused while its callback was out of the table
+    /// for the running dispatch pass (a watch whose callback is in the table is not running
+    /// and will not run in this pass), with the lock released: from another thread, waits
+    /// until an invocation of it that had already started returns, so that nothing of it
+    /// runs once the caller returns. The loop thread never waits (the invocation is its own
+    /// caller).
     fn wait_for_invocation(&self, on_loop_thread: bool, id: WatchId) {
         if on_loop_thread || self.running.load(SeqCst) != id.0 {
             return;
@@ -223,11 +225,11 @@ impl LoopHandle {
             if state.closed {
                 return Err(Error::Closed);
             }
-            if !state.update_watch(id, events) {
+            let Some(in_pass) = state.update_watch(id, events) else {
                 return Err(Error::UnknownWatch(id));
-            }
+            };
             drop(state);
-            if wait && events.is_empty() {
+            if wait && in_pass && events.is_empty() {
                 let on_loop_thread = self.shared.runs_on_this_thread();
                 self.shared.wait_for_invocation(on_loop_thread, id);
             }
@@ -278,11 +280,11 @@ impl LoopHandle {
             if state.closed {
                 return Err(Error::Closed);
             }
-            if !state.remove_watch(id) {
+            let Some(in_pass) = state.remove_watch(id) else {
                 return Err(Error::UnknownWatch(id));
-            }
+            };
             drop(state);
-            if wait {
+            if wait && in_pass {
                 let on_loop_thread = self.shared.runs_on_this_thread();
                 self.shared.wait_for_invocation(on_loop_thread, id);
             }

@@ -225,10 +225,15 @@ impl State {
     }
 
     /// Returns false for an unknown or removed id.
-    pub(crate) fn update_watch(&mut self, id: WatchId, events: Events) -> bool {
-        let Some(watch) = self.watch_ids.get(id.0).map(|slot| &mut self.watches[slot]) else {
-            return false;
-        };
+    /// Returns `None` for an unknown or removed id, else whether the watch's callback is out
+    /// of the table for the dispatch pass running now (only then can it be running, or about
+    /// to run, on the loop thread).
+    pub(crate) fn update_watch(&mut self, id: WatchId, events: Events) -> Option<bool> {
+        let watch = self
+            .watch_ids
+            .get(id.0)
+            .map(|slot| &mut self.watches[slot])?;
+        let taken = watch.cb.is_none();
         if watch.events != events {
             watch.events = events;
             watch.flags.store(events.bits(), SeqCst);
@@ -237,24 +242,23 @@ impl State {
                 self.mark_dirty(slot);
             }
         }
-        true
+        Some(taken)
     }
 
-    /// Returns false for an unknown or removed id.
-    pub(crate) fn remove_watch(&mut self, id: WatchId) -> bool {
-        let Some(watch_slot) = self.watch_ids.remove(id.0) else {
-            return false;
-        };
+    /// As [`update_watch`](State::update_watch).
+    pub(crate) fn remove_watch(&mut self, id: WatchId) -> Option<bool> {
+        let watch_slot = self.watch_ids.remove(id.0)?;
         let watch = &mut self.watches[watch_slot];
         watch.removed = true;
         watch.flags.store(REMOVED, SeqCst);
+        let taken = watch.cb.is_none();
         if !watch.detached {
             let slot = watch.fd_slot;
             self.fds[slot].watches.retain(|w| w.0 != id);
             self.mark_dirty(slot);
         }
         self.removed_watches.push(watch_slot);
-        true
+        Some(taken)
     }
 
     /// Takes the state of removed watches and timers out of the table, to be dropped by the

@@ -1,6 +1,6 @@
 //! Other threads: wakeups, quit, invoke, moving the loop between threads.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -332,6 +332,90 @@ pub fn no_wake_writes_while_the_loop_never_blocks<B: Backend>() {
         writes, 0,
         "{writes} eventfd writes while the loop never slept"
     );
+}
+
+/// Many removes and pauses from another thread racing ready watches: none returns while the
+/// watch's callback runs, and no callback starts after the remove or pause of its watch
+/// returned (the ordering between the loop thread and the remover, checked under load).
+pub fn removes_racing_dispatch_never_overlap_a_callback<B: Backend>() {
+    const WATCHES: usize = 6;
+    let mut lp = new_loop::<B>();
+    let h = lp.handle().clone();
+    // Always readable: never drained, so every watch is ready in every iteration.
+    let pipes: Vec<_> = (0..WATCHES)
+        .map(|_| {
+            let (r, w) = pipe();
+            write(&w, b"x");
+            (r, w)
+        })
+        .collect();
+    let fds: Vec<_> = pipes.iter().map(|(r, _)| raw(r)).collect();
+    let violations = Arc::new(AtomicUsize::new(0));
+    // A watch's state: (stopped: its remove or pause returned, inside: its callback runs).
+    let add = {
+        let violations = Arc::clone(&violations);
+        move |h: &LoopHandle, fd| {
+            let state = Arc::new((AtomicBool::new(false), AtomicBool::new(false)));
+            let (s, v) = (Arc::clone(&state), Arc::clone(&violations));
+            let id = h
+                .add_handle(fd, Events::READABLE, move |_, _, _, _| {
+                    if s.0.load(Ordering::SeqCst) {
+                        v.fetch_add(1, Ordering::SeqCst);
+                    }
+                    s.1.store(true, Ordering::SeqCst);
+                    for _ in 0..200 {
+                        std::hint::spin_loop();
+                    }
+                    s.1.store(false, Ordering::SeqCst);
+                })
+                .unwrap();
+            (id, state)
+        }
+    };
+    let mut watches: Vec<_> = fds.iter().map(|&fd| add(&h, fd)).collect();
+    run_iterations(&mut lp, 1);
+    let done = Arc::new(AtomicBool::new(false));
+    let remover = {
+        let (h, done, violations) = (h.clone(), Arc::clone(&done), Arc::clone(&violations));
+        thread::spawn(move || {
+            let start = Instant::now();
+            let mut rounds = 0;
+            while rounds < 3000 && start.elapsed() < Duration::from_secs(3) {
+                let i = rounds % WATCHES;
+                let (id, state) = &watches[i];
+                if rounds % 3 == 0 {
+                    h.update_handle(*id, Events::empty()).unwrap();
+                } else {
+                    h.remove_handle(*id).unwrap();
+                }
+                state.0.store(true, Ordering::SeqCst);
+                if state.1.load(Ordering::SeqCst) {
+                    // Still inside although the remove or pause returned.
+                    violations.fetch_add(1, Ordering::SeqCst);
+                }
+                if rounds % 3 == 0 {
+                    h.remove_handle(*id).unwrap();
+                }
+                watches[i] = add(&h, fds[i]);
+                rounds += 1;
+            }
+            done.store(true, Ordering::SeqCst);
+            rounds
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !done.load(Ordering::SeqCst) && Instant::now() < deadline {
+        lp.run_once_timeout(Duration::from_millis(5)).unwrap();
+    }
+    let rounds = remover.join().unwrap();
+    assert!(rounds >= 100, "only {rounds} removes in the time allowed");
+    assert_eq!(
+        violations.load(Ordering::SeqCst),
+        0,
+        "callbacks overlapped or followed the remove of their watch ({rounds} removes)"
+    );
+    drop(lp);
+    drop(pipes);
 }
 
 /// `remove_handle` (and `update_handle` to empty) from another thread, while the loop thread
