@@ -124,7 +124,7 @@ impl std::error::Error for RpcError {}
 pub(crate) trait CallContext: Sync {
     /// The server's name.
     fn server_name(&self) -> &str;
-    /// The server's statistics, `None` once it is stopping.
+    /// The server's statistics, `None` when its pool is gone.
     fn stats(&self) -> Option<ServerStats>;
 }
 
@@ -157,7 +157,8 @@ impl Call<'_> {
         self.server.server_name()
     }
 
-    /// The server's statistics now; `None` once the server is stopping.
+    /// The server's statistics now; `None` when the server's pool is gone (the daemon
+    /// drains a pool before it drops it, so not while one of its calls runs).
     pub fn server_stats(&self) -> Option<ServerStats> {
         self.server.stats()
     }

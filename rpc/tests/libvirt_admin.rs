@@ -12,13 +12,7 @@ use common::fields;
 use vireo_libvirt::testing::{self, SessionDaemon};
 
 fn ok(out: Output, what: &str) -> String {
-    assert!(
-        out.status.success(),
-        "{what}: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    common::stdout_of(out, what)
 }
 
 #[test]

@@ -87,13 +87,7 @@ fn virt_admin(socket: &Path, args: &[&str]) -> Output {
 }
 
 fn ok(out: Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    common::stdout_of(out, "virt-admin")
 }
 
 fn err(out: Output) -> String {

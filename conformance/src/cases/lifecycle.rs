@@ -8,7 +8,7 @@ use std::thread;
 use std::time::Duration;
 
 use rustix::io::Errno;
-use vireo_core::{Backend, Error, Events, Frequency, WatchId};
+use vireo_core::{Backend, Error, EventLoop, Events, Frequency, WatchId};
 
 use crate::kit::*;
 
@@ -572,6 +572,22 @@ fn raise_fd_limit(want: u64) {
     }
 }
 
+/// Runs iterations (at most 100, each waiting at most 50 ms) until one unwinds with a panic;
+/// returns whether one did. An iteration's error fails the case.
+fn run_until_panic<B: Backend>(lp: &mut EventLoop<B>) -> bool {
+    for _ in 0..100 {
+        match catch_unwind(AssertUnwindSafe(|| {
+            lp.run_once_timeout(Duration::from_millis(50))
+        })) {
+            Err(_) => return true,
+            Ok(r) => {
+                r.unwrap();
+            }
+        }
+    }
+    false
+}
+
 /// A panicking watch callback unwinds out of run_once; the loop stays usable, the watch stays
 /// registered, and the other watches of that batch fire in the next iteration.
 pub fn panicking_callback_leaves_loop_usable<B: Backend>() {
@@ -599,20 +615,7 @@ pub fn panicking_callback_leaves_loop_usable<B: Backend>() {
         .unwrap();
     write(&w1, b"x");
     write(&w2, b"x");
-    let mut panicked = false;
-    for _ in 0..100 {
-        match catch_unwind(AssertUnwindSafe(|| {
-            lp.run_once_timeout(Duration::from_millis(50))
-        })) {
-            Err(_) => {
-                panicked = true;
-                break;
-            }
-            Ok(r) => {
-                r.unwrap();
-            }
-        }
-    }
+    let panicked = run_until_panic(&mut lp);
     assert!(panicked, "the callback's panic did not reach the caller");
     assert!(
         log.events_of(other).is_empty(),
@@ -647,20 +650,7 @@ pub fn panicking_invoke_keeps_the_watches_of_its_iteration<B: Backend>() {
         })
         .unwrap();
     write(&w, b"x");
-    let mut panicked = false;
-    for _ in 0..100 {
-        match catch_unwind(AssertUnwindSafe(|| {
-            lp.run_once_timeout(Duration::from_millis(50))
-        })) {
-            Err(_) => {
-                panicked = true;
-                break;
-            }
-            Ok(r) => {
-                r.unwrap();
-            }
-        }
-    }
+    let panicked = run_until_panic(&mut lp);
     assert!(panicked, "the closure's panic did not reach the caller");
     let before = calls.load(Ordering::SeqCst);
     run_until(&mut lp, "the watch after the closure's panic", || {

@@ -223,3 +223,15 @@ pub fn fields(text: &str) -> Vec<(String, String)> {
         .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
         .collect()
 }
+
+/// The stdout of a command that must have succeeded (`what` names it in the failure).
+#[track_caller]
+pub fn stdout_of(out: std::process::Output, what: &str) -> String {
+    assert!(
+        out.status.success(),
+        "{what}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
