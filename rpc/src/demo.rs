@@ -48,7 +48,7 @@ pub fn program() -> Program {
         .priority_procedure(Procedure::Stats as u32, |call, out| {
             let stats = call
                 .server_stats()
-                .ok_or_else(|| RpcError::failed("server is stopping"))?;
+                .ok_or_else(|| RpcError::failed("the server's pool is gone"))?;
             out.extend_from_slice(stats_json(&stats).as_bytes());
             Ok(())
         })
