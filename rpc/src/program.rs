@@ -195,8 +195,14 @@ pub struct ServerStats {
     pub backend_rebuilds: u64,
 }
 
-/// A procedure's handler: reads the call, appends the reply's body to `out` (which holds
-/// nothing of the body yet), or returns the error the client gets. Runs on a worker thread.
+/// A procedure's handler: reads the call and appends the reply's body to `out`, or returns
+/// the error the client gets. Runs on a worker thread.
+///
+/// `out` already holds the reply frame's length word and header (the body is written in
+/// place, without a copy): append only. A handler that changes or removes those bytes, or
+/// whose body would make the reply longer than [`MAX_MESSAGE`](crate::proto::MAX_MESSAGE),
+/// gets `VIR_ERR_INTERNAL_ERROR` sent instead; after an `Err`, whatever it appended is
+/// discarded.
 pub type Handler = dyn Fn(&Call<'_>, &mut Vec<u8>) -> Result<(), RpcError> + Send + Sync;
 
 #[derive(Clone)]

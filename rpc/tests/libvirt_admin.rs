@@ -110,198 +110,83 @@ fn admin_refusals_match_libvirtd_text_for_text() {
     if !testing::ready_or_skip("admin refusals against libvirtd", missing) {
         return;
     }
-    use vireo_rpc::server::{Daemon, DaemonConfig, ListenAddr, ServerConfig};
+    use vireo_rpc::server::ServerConfig;
     use vireo_rpc::xdr::{Encoder, TypedParam, Value};
 
     let real = SessionDaemon::start("").unwrap_or_else(|e| panic!("{e}"));
     let script = real.dir().join("raw_calls.py");
     std::fs::write(&script, include_str!("admin/raw_calls.py")).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let admin = dir.path().join("admin.sock");
-    let mut daemon = Daemon::new(DaemonConfig {
-        admin: Some(admin.clone()),
-        ..DaemonConfig::default()
-    })
-    .unwrap();
-    daemon
-        .add_server(ServerConfig {
-            listen: vec![ListenAddr::Unix(dir.path().join("s.sock"))],
+    let ours = common::TestDaemon::start(
+        vireo_backends::Choice::Auto,
+        None,
+        vec![ServerConfig {
             min_workers: 1,
             ..ServerConfig::default()
-        })
-        .unwrap();
-    let stop = daemon.shutdown_handle();
-    let running = std::thread::spawn(move || daemon.run());
+        }],
+    );
 
-    // (procedure, body) for a daemon whose first server is `server`.
+    // `PROC:HEXBODY` arguments of raw_calls.py, for a daemon whose first server is `server`.
     let cases = |server: &str| -> Vec<String> {
-        let body = |f: &dyn Fn(&mut Encoder)| {
+        let call = |procedure: u32, args: &dyn for<'a> Fn(&'a mut Encoder) -> &'a mut Encoder| {
             let mut e = Encoder::new();
-            f(&mut e);
-            e.into_bytes()
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<String>()
+            args(&mut e);
+            let hex: String = e.into_bytes().iter().map(|b| format!("{b:02x}")).collect();
+            format!("{procedure}:{hex}")
         };
-        let client = |e: &mut Encoder, srv: &str, id: u64| {
-            e.string(srv).u64(id).i64(0).u32(0);
-        };
+        fn client<'a>(e: &'a mut Encoder, srv: &str, id: u64) -> &'a mut Encoder {
+            e.string(srv).u64(id).i64(0).u32(0).u32(0)
+        }
+        fn params<'a>(e: &'a mut Encoder, srv: &str, p: &[TypedParam]) -> &'a mut Encoder {
+            e.string(srv).typed_params(p).u32(0)
+        }
+        let uint = |name: &str, v: u32| TypedParam::new(name, Value::UInt(v));
         vec![
-            format!(
-                "4:{}",
-                body(&|e| {
-                    e.u32(1).u32(1);
-                })
-            ),
-            format!(
-                "5:{}",
-                body(&|e| {
-                    e.string(server).u32(7);
-                })
-            ),
-            format!(
-                "6:{}",
-                body(&|e| {
-                    e.string("nosuch").u32(1);
-                })
-            ),
-            format!(
-                "6:{}",
-                body(&|e| {
-                    e.string(server).u32(1);
-                })
-            ),
-            format!(
-                "7:{}",
-                body(&|e| {
-                    e.string("nosuch").u32(0).u32(0);
-                })
-            ),
-            format!(
-                "7:{}",
-                body(&|e| {
-                    e.string(server).u32(0).u32(4);
-                })
-            ),
-            format!(
-                "8:{}",
-                body(&|e| {
-                    e.string(server).u32(1).u32(2);
-                })
-            ),
-            format!(
-                "9:{}",
-                body(&|e| {
-                    e.string(server).u64(999_999).u32(1);
-                })
-            ),
-            format!(
-                "9:{}",
-                body(&|e| {
-                    e.string(server).u64(999_999).u32(0);
-                })
-            ),
-            format!(
-                "10:{}",
-                body(&|e| {
-                    client(e, server, 999_999);
-                    e.u32(0);
-                })
-            ),
-            format!(
-                "10:{}",
-                body(&|e| {
-                    client(e, "nosuch", 1);
-                    e.u32(0);
-                })
-            ),
-            format!(
-                "11:{}",
-                body(&|e| {
-                    client(e, server, 999_999);
-                    e.u32(0);
-                })
-            ),
-            format!(
-                "12:{}",
-                body(&|e| {
-                    e.string(server).u32(1);
-                })
-            ),
-            format!(
-                "13:{}",
-                body(&|e| {
-                    e.string("nosuch").u32(0).u32(0);
-                })
-            ),
-            format!(
-                "15:{}",
-                body(&|e| {
-                    e.u32(1);
-                })
-            ),
-            format!(
-                "17:{}",
-                body(&|e| {
-                    e.opt_string(None).u32(1);
-                })
-            ),
-            format!(
-                "19:{}",
-                body(&|e| {
-                    e.u32(0).u32(1);
-                })
-            ),
+            // Flags where libvirtd takes none (and any on lookup-server).
+            call(4, &|e| e.u32(1).u32(1)),
+            call(5, &|e| e.string(server).u32(7)),
+            call(6, &|e| e.string("nosuch").u32(1)),
+            call(6, &|e| e.string(server).u32(1)),
+            call(7, &|e| e.string("nosuch").u32(0).u32(0)),
+            call(7, &|e| e.string(server).u32(0).u32(4)),
+            call(8, &|e| e.string(server).u32(1).u32(2)),
+            call(9, &|e| e.string(server).u64(999_999).u32(1)),
+            call(9, &|e| e.string(server).u64(999_999).u32(0)),
+            call(10, &|e| client(e, server, 999_999)),
+            call(10, &|e| client(e, "nosuch", 1)),
+            call(11, &|e| client(e, server, 999_999)),
+            call(12, &|e| e.string(server).u32(1)),
+            call(13, &|e| e.string("nosuch").u32(0).u32(0)),
+            call(15, &|e| e.u32(1)),
+            call(17, &|e| e.opt_string(None).u32(1)),
+            call(19, &|e| e.u32(0).u32(1)),
             // Refused values: none of them changes anything.
-            format!(
-                "7:{}",
-                body(&|e| {
-                    let p = [TypedParam::new("minWorkers", Value::UInt(30))];
-                    e.string(server).typed_params(&p).u32(0);
-                })
-            ),
-            format!(
-                "7:{}",
-                body(&|e| {
-                    let p = [TypedParam::new("bogus", Value::UInt(1))];
-                    e.string(server).typed_params(&p).u32(0);
-                })
-            ),
-            format!(
-                "7:{}",
-                body(&|e| {
-                    let p = [TypedParam::new("maxWorkers", Value::Int(3))];
-                    e.string(server).typed_params(&p).u32(0);
-                })
-            ),
-            format!(
-                "7:{}",
-                body(&|e| {
-                    let p = [
-                        TypedParam::new("prioWorkers", Value::UInt(1)),
-                        TypedParam::new("minWorkers", Value::UInt(1)),
-                        TypedParam::new("minWorkers", Value::UInt(2)),
-                    ];
-                    e.string(server).typed_params(&p).u32(0);
-                })
-            ),
-            format!(
-                "7:{}",
-                body(&|e| {
-                    let p = [
-                        TypedParam::new("zeta", Value::UInt(1)),
-                        TypedParam::new("maxWorkers", Value::String("x".into())),
-                    ];
-                    e.string(server).typed_params(&p).u32(0);
-                })
-            ),
-            format!(
-                "13:{}",
-                body(&|e| {
-                    let p = [TypedParam::new("nclients_max", Value::Int(10))];
-                    e.string(server).typed_params(&p).u32(0);
-                })
-            ),
+            call(7, &|e| params(e, server, &[uint("minWorkers", 30)])),
+            call(7, &|e| params(e, server, &[uint("bogus", 1)])),
+            call(7, &|e| {
+                params(e, server, &[TypedParam::new("maxWorkers", Value::Int(3))])
+            }),
+            call(7, &|e| {
+                let p = [
+                    uint("prioWorkers", 1),
+                    uint("minWorkers", 1),
+                    uint("minWorkers", 2),
+                ];
+                params(e, server, &p)
+            }),
+            call(7, &|e| {
+                let p = [
+                    uint("zeta", 1),
+                    TypedParam::new("maxWorkers", Value::String("x".into())),
+                ];
+                params(e, server, &p)
+            }),
+            call(13, &|e| {
+                params(
+                    e,
+                    server,
+                    &[TypedParam::new("nclients_max", Value::Int(10))],
+                )
+            }),
         ]
     };
     let run = |mut cmd: std::process::Command, socket: &Path, server: &str| {
@@ -324,13 +209,13 @@ fn admin_refusals_match_libvirtd_text_for_text() {
         &real.admin_socket(),
         "libvirtd",
     );
-    let ours = run(
+    let answers = run(
         std::process::Command::new("/usr/bin/python3"),
-        &admin,
+        &ours.admin,
         "vireo",
     );
-    stop.shutdown();
-    running.join().unwrap().unwrap();
+    ours.stop();
+    let ours = answers;
     let cases = cases("vireo");
     let differ: Vec<String> = cases
         .iter()

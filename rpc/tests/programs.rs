@@ -7,16 +7,15 @@ mod common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use common::{PATIENCE, backends, eventually};
-use vireo_backends::{BackendKind, Choice};
+use common::{PATIENCE, TestDaemon, backends, eventually};
+use vireo_backends::Choice;
 use vireo_rpc::admin::AdminClient;
 use vireo_rpc::client::{Client, Reply};
 use vireo_rpc::program::{Program, RpcError, code};
 use vireo_rpc::proto::{self, Header, KEEPALIVE_PROGRAM, Procedure, kind, status};
-use vireo_rpc::server::{Daemon, DaemonConfig, DaemonSummary, ListenAddr, ServerConfig};
+use vireo_rpc::server::{Daemon, DaemonConfig, ListenAddr, ServerConfig};
 use vireo_rpc::xdr::{TypedParam, Value, decode_error};
 
 const USER: u32 = 0x2000_0001;
@@ -60,55 +59,6 @@ fn user_program(seen: Arc<AtomicU64>) -> Program {
         })
 }
 
-struct Running {
-    addrs: Vec<Vec<ListenAddr>>,
-    admin: std::path::PathBuf,
-    stop: vireo_rpc::server::ShutdownHandle,
-    thread: Option<JoinHandle<std::io::Result<DaemonSummary>>>,
-    _dir: tempfile::TempDir,
-}
-
-impl Running {
-    fn client(&self, server: usize) -> Client {
-        let mut c = Client::connect(&self.addrs[server][0]).unwrap();
-        c.set_timeout(Some(PATIENCE)).unwrap();
-        c
-    }
-
-    fn stop(mut self) -> DaemonSummary {
-        self.stop.shutdown();
-        self.thread.take().unwrap().join().unwrap().unwrap()
-    }
-}
-
-/// A daemon on `kind` with an admin socket and one server per config (its listen address is
-/// set here).
-fn start(kind: BackendKind, timeout: Option<Duration>, servers: Vec<ServerConfig>) -> Running {
-    let dir = tempfile::tempdir().unwrap();
-    let admin = dir.path().join("admin.sock");
-    let mut daemon = Daemon::new(DaemonConfig {
-        backend: Choice::Only(kind),
-        admin: Some(admin.clone()),
-        timeout,
-        ..DaemonConfig::default()
-    })
-    .unwrap();
-    let mut addrs = Vec::new();
-    for (i, mut config) in servers.into_iter().enumerate() {
-        config.listen = vec![ListenAddr::Unix(dir.path().join(format!("s{i}.sock")))];
-        addrs.push(daemon.add_server(config).unwrap().to_vec());
-    }
-    let stop = daemon.shutdown_handle();
-    let thread = Some(std::thread::spawn(move || daemon.run()));
-    Running {
-        addrs,
-        admin,
-        stop,
-        thread,
-        _dir: dir,
-    }
-}
-
 fn small(name: &str, programs: Vec<Program>) -> ServerConfig {
     ServerConfig {
         name: name.into(),
@@ -133,8 +83,8 @@ fn error_of(reply: &Reply) -> (i32, i32, String) {
 fn a_user_program_is_served_and_every_failure_is_a_libvirt_error_reply() {
     for kind in backends() {
         let seen = Arc::new(AtomicU64::new(0));
-        let d = start(
-            kind,
+        let d = TestDaemon::start(
+            Choice::Only(kind),
             None,
             vec![small("user", vec![user_program(Arc::clone(&seen))])],
         );
@@ -238,8 +188,8 @@ fn two_versions_of_a_program_and_two_programs_share_a_server() {
                 Ok(())
             })
         };
-        let d = start(
-            kind,
+        let d = TestDaemon::start(
+            Choice::Only(kind),
             None,
             vec![small("multi", vec![v(1), v(2), vireo_rpc::demo::program()])],
         );
@@ -258,8 +208,8 @@ fn two_versions_of_a_program_and_two_programs_share_a_server() {
 #[test]
 fn named_servers_share_the_loop_with_their_own_pools_programs_and_limits() {
     for kind in backends() {
-        let d = start(
-            kind,
+        let d = TestDaemon::start(
+            Choice::Only(kind),
             None,
             vec![
                 small("alpha", vec![vireo_rpc::demo::program()]),
@@ -424,50 +374,44 @@ fn the_daemon_timeout_stops_an_idle_daemon_and_waits_while_a_client_is_connected
     for kind in backends() {
         // Idle from the start: it stops by itself.
         let started = Instant::now();
-        let mut d = start(
-            kind,
+        let d = TestDaemon::start(
+            Choice::Only(kind),
             Some(Duration::from_millis(200)),
             vec![small("t", vec![])],
         );
-        let summary = d.thread.take().unwrap().join().unwrap().unwrap();
+        let summary = d.join();
         assert!(started.elapsed() >= Duration::from_millis(200), "{kind}");
         assert_eq!(summary.servers[0].1.clients_accepted, 0, "{kind}");
 
         // A connected client holds it; its leaving starts the timeout.
-        let mut d = start(
-            kind,
+        let d = TestDaemon::start(
+            Choice::Only(kind),
             Some(Duration::from_millis(300)),
             vec![small("t", vec![vireo_rpc::demo::program()])],
         );
         let mut c = d.client(0);
         assert_eq!(c.echo(b"x").unwrap(), b"x");
         std::thread::sleep(Duration::from_millis(900));
-        assert!(
-            !d.thread.as_ref().unwrap().is_finished(),
-            "{kind}: stopped with a client"
-        );
+        assert!(!d.is_finished(), "{kind}: stopped with a client");
         assert_eq!(c.echo(b"still").unwrap(), b"still", "{kind}");
         drop(c);
-        let summary = d.thread.take().unwrap().join().unwrap().unwrap();
+        let summary = d.join();
         assert_eq!(summary.servers[0].1.calls_received, 2, "{kind}");
 
         // Set through the admin socket (virt-admin daemon-timeout): counted once the admin
         // client, a client too, has gone; 0 turns it off again.
-        let mut d = start(kind, None, vec![small("t", vec![])]);
+        let d = TestDaemon::start(Choice::Only(kind), None, vec![small("t", vec![])]);
         let mut admin = AdminClient::connect(&d.admin).unwrap();
         admin.set_daemon_timeout(1).unwrap();
         admin.set_daemon_timeout(0).unwrap();
         admin.close().unwrap();
         std::thread::sleep(Duration::from_millis(1500));
-        assert!(
-            !d.thread.as_ref().unwrap().is_finished(),
-            "{kind}: 0 is no timeout"
-        );
+        assert!(!d.is_finished(), "{kind}: 0 is no timeout");
         let mut admin = AdminClient::connect(&d.admin).unwrap();
         admin.set_daemon_timeout(1).unwrap();
         let asked = Instant::now();
         admin.close().unwrap();
-        let summary = d.thread.take().unwrap().join().unwrap().unwrap();
+        let summary = d.join();
         assert!(asked.elapsed() >= Duration::from_millis(900), "{kind}");
         assert!(asked.elapsed() < PATIENCE, "{kind}");
         assert_eq!(summary.admin.clients_accepted, 2, "{kind}");

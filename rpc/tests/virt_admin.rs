@@ -374,27 +374,21 @@ fn stock_virt_admin_sets_the_daemon_timeout_and_sees_every_named_server() {
     assert!(asked.elapsed() >= std::time::Duration::from_millis(900));
 
     // Two named servers on one daemon: virt-admin lists them in order and manages each.
-    use vireo_rpc::server::{Daemon, DaemonConfig, ServerConfig};
-    let dir = tempfile::tempdir().unwrap();
-    let socket = dir.path().join("admin.sock");
-    let mut daemon = Daemon::new(DaemonConfig {
-        admin: Some(socket.clone()),
-        ..DaemonConfig::default()
-    })
-    .unwrap();
+    use vireo_rpc::server::ServerConfig;
     let server = |name: &str, workers: usize| ServerConfig {
         name: name.into(),
-        listen: vec![ListenAddr::Unix(dir.path().join(format!("{name}.sock")))],
         min_workers: 1,
         max_workers: workers,
         prio_workers: 1,
         keepalive_interval: None,
         ..ServerConfig::default()
     };
-    let alpha = daemon.add_server(server("alpha", 2)).unwrap()[0].clone();
-    let beta = daemon.add_server(server("beta", 3)).unwrap()[0].clone();
-    let stop = daemon.shutdown_handle();
-    let running = std::thread::spawn(move || daemon.run());
+    let daemon = common::TestDaemon::start(
+        vireo_backends::Choice::Auto,
+        None,
+        vec![server("alpha", 2), server("beta", 3)],
+    );
+    let socket = daemon.admin.clone();
     let admin = |args: &[&str]| virt_admin(&socket, args);
 
     let list = ok(admin(&["srv-list"]));
@@ -417,8 +411,8 @@ fn stock_virt_admin_sets_the_daemon_timeout_and_sees_every_named_server() {
     ok(admin(&["srv-threadpool-set", "beta", "--max-workers", "5"]));
     assert_eq!((max("alpha"), max("beta")), ("2".into(), "5".into()));
 
-    let mut a = Client::connect(&alpha).unwrap();
-    let mut b = Client::connect(&beta).unwrap();
+    let mut a = daemon.client(0);
+    let mut b = daemon.client(1);
     assert_eq!(a.echo(b"a").unwrap(), b"a");
     assert_eq!(b.echo(b"b").unwrap(), b"b");
     let ids = |name: &str| -> Vec<String> {
@@ -437,7 +431,6 @@ fn stock_virt_admin_sets_the_daemon_timeout_and_sees_every_named_server() {
     assert!(b.echo(b"gone").is_err(), "beta's client was still served");
     assert_eq!(a.echo(b"alpha stays").unwrap(), b"alpha stays");
     assert_eq!(ids("beta").len(), 0);
-    stop.shutdown();
-    let summary = running.join().unwrap().unwrap();
+    let summary = daemon.stop();
     assert_eq!(summary.servers[1].1.clients_accepted, 1);
 }

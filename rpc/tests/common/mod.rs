@@ -10,7 +10,8 @@ use vireo_backends::{AnyBackend, BackendKind, Choice};
 use vireo_rpc::admin::AdminClient;
 use vireo_rpc::client::Client;
 use vireo_rpc::server::{
-    DaemonConfig, ListenAddr, Server, ServerConfig, ServerSummary, ShutdownHandle,
+    Daemon, DaemonConfig, DaemonSummary, ListenAddr, Server, ServerConfig, ServerSummary,
+    ShutdownHandle,
 };
 
 /// How long any wait in these tests may take before it counts as a failure.
@@ -234,4 +235,81 @@ pub fn stdout_of(out: std::process::Output, what: &str) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
+}
+
+/// A daemon of named servers running on its own thread, with an admin socket, in a temporary
+/// directory.
+pub struct TestDaemon {
+    /// Each server's addresses, in the order given.
+    pub addrs: Vec<Vec<ListenAddr>>,
+    pub admin: std::path::PathBuf,
+    stop: ShutdownHandle,
+    thread: Option<JoinHandle<io::Result<DaemonSummary>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl TestDaemon {
+    /// One server per config, each listening on a Unix socket of its own (set here).
+    pub fn start(backend: Choice, timeout: Option<Duration>, servers: Vec<ServerConfig>) -> Self {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let admin = dir.path().join("admin.sock");
+        let mut daemon = Daemon::new(DaemonConfig {
+            backend,
+            admin: Some(admin.clone()),
+            timeout,
+            ..DaemonConfig::default()
+        })
+        .expect("daemon starts");
+        let mut addrs = Vec::new();
+        for (i, mut config) in servers.into_iter().enumerate() {
+            config.listen = vec![ListenAddr::Unix(dir.path().join(format!("s{i}.sock")))];
+            addrs.push(daemon.add_server(config).expect("server starts").to_vec());
+        }
+        let stop = daemon.shutdown_handle();
+        let thread = Some(std::thread::spawn(move || daemon.run()));
+        TestDaemon {
+            addrs,
+            admin,
+            stop,
+            thread,
+            _dir: dir,
+        }
+    }
+
+    /// A client of server `server`.
+    pub fn client(&self, server: usize) -> Client {
+        let mut c = Client::connect(&self.addrs[server][0]).expect("connect");
+        c.set_timeout(Some(PATIENCE)).unwrap();
+        c
+    }
+
+    /// Whether `run` returned (the daemon timeout, say).
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
+    /// Waits for `run` to return by itself, and returns what the daemon did.
+    pub fn join(mut self) -> DaemonSummary {
+        self.thread
+            .take()
+            .expect("joined once")
+            .join()
+            .expect("daemon thread")
+            .expect("daemon runs")
+    }
+
+    /// Stops the daemon and returns what it did.
+    pub fn stop(self) -> DaemonSummary {
+        self.stop.shutdown();
+        self.join()
+    }
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            self.stop.shutdown();
+            let _ = thread.join();
+        }
+    }
 }
