@@ -6,10 +6,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, Ordering::
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
-
+use crate::invokes::{Batch, Invokes};
 use crate::local::{LoopLocal, WeakLoopLocal, thread_mark};
-use crate::table::{FileIdent, Garbage, InvokeFn, REMOVED, State, TimerFn, Wake, WatchFn};
+use crate::table::{FileIdent, Garbage, REMOVED, State, TimerFn, Wake, WatchFn};
 use crate::timers::Due;
 use crate::waker::Waker;
 use crate::{Backend, Clock, Error, Events, Frequency, Readiness, TimerId, Token, WatchId};
@@ -21,8 +20,9 @@ pub(crate) struct Shared {
     /// so a thread that reads its own mark here is that thread.
     runner: AtomicU64,
     /// Closures from [`LoopHandle::invoke`]: a lock-free queue, so a worker handing a result
-    /// back never contends with the loop for `state`.
-    invokes: Sender<Box<InvokeFn>>,
+    /// back never contends with the loop for `state`, and the loop takes all of them with
+    /// one atomic swap.
+    invokes: Invokes<LoopHandle>,
     /// The id of the watch whose callback runs now on the loop thread, 0 when none. The loop
     /// swaps it in (`SeqCst`) before it reads the watch's flags; a remover stores the flags
     /// (`SeqCst`) before it reads this: one of them sees the other (a Dekker pair).
@@ -388,8 +388,9 @@ impl LoopHandle {
     where
         F: FnOnce(&LoopHandle) + Send + 'static,
     {
-        // Fails once the loop dropped its receiver; the closure comes back and is dropped here.
-        if self.shared.invokes.send(Box::new(f)).is_err() {
+        // Fails once the loop was dropped; the closure comes back and is dropped here.
+        if let Err(f) = self.shared.invokes.push(f) {
+            drop(f);
             return Err(Error::Closed);
         }
         self.shared.waker.changed();
@@ -537,8 +538,10 @@ pub struct EventLoop<B: Backend> {
     candidates: Vec<(WatchId, usize, Events)>,
     /// Callbacks out of the table during the dispatch pass (kept for its capacity).
     taken: Vec<Taken>,
-    /// The other end of [`Shared::invokes`].
-    invokes: Receiver<Box<InvokeFn>>,
+    /// Closures taken from [`Shared::invokes`] that have not run yet: empty between
+    /// iterations unless a closure panicked, in which case the rest run first in the next
+    /// iteration.
+    invoked: Batch<LoopHandle>,
     due: Vec<Due>,
     /// Index into `due` of the next timer to dispatch; `due[due_next..]` survive a panic.
     due_next: usize,
@@ -579,14 +582,13 @@ impl<B: Backend> EventLoop<B> {
         let waker = Waker::new()?;
         backend.register(waker.raw_fd(), Token::WAKER, Events::READABLE)?;
         let clock = backend.clock();
-        let (invokes_tx, invokes) = crossbeam_channel::unbounded();
         Ok(EventLoop {
             backend,
             handle: LoopHandle {
                 shared: Arc::new(Shared {
                     state: Mutex::new(State::default()),
                     runner: AtomicU64::new(0),
-                    invokes: invokes_tx,
+                    invokes: Invokes::new(),
                     running: AtomicU64::new(0),
                     waiters: AtomicUsize::new(0),
                     wait_lock: Mutex::new(()),
@@ -599,7 +601,7 @@ impl<B: Backend> EventLoop<B> {
             ready: Vec::with_capacity(256),
             candidates: Vec::with_capacity(256),
             taken: Vec::with_capacity(256),
-            invokes,
+            invoked: Batch::default(),
             due: Vec::new(),
             due_next: 0,
             clean: None,
@@ -763,7 +765,7 @@ impl<B: Backend> EventLoop<B> {
         drop(garbage);
         // Checked after `seen` was read: a closure queued later bumps the sequence, so the
         // wait below either sees the bump or is woken by the eventfd.
-        let timeout = if self.invokes.is_empty() {
+        let timeout = if self.invoked.is_empty() && shared.invokes.is_empty() {
             timeout
         } else {
             Some(Duration::ZERO)
@@ -913,14 +915,12 @@ impl<B: Backend> EventLoop<B> {
 
         // Closures queued before this phase began run in it; those they queue wait for the
         // next iteration.
-        let queued = self.invokes.len();
-        for _ in 0..queued {
-            let Ok(f) = self.invokes.try_recv() else {
-                break;
-            };
+        // (Left over from a panicked phase first: they were queued earlier.)
+        self.invoked.append(shared.invokes.take());
+        while let Some(f) = self.invoked.pop() {
             count += 1;
             self.dispatched += 1;
-            f(&self.handle);
+            f.run(&self.handle);
         }
 
         let mut garbage = Garbage::default();
@@ -968,9 +968,12 @@ impl<B: Backend> Drop for EventLoop<B> {
         // The callbacks' state may reach its `LoopLocal`s as it drops, as on the loop thread.
         let runner = Runner::enter(&shared);
         drop(garbage);
+        // Queued closures are dropped without running, here on this thread; the queue is
+        // closed first, so one whose drop calls `invoke` gets `Error::Closed` instead of
+        // queueing forever.
+        let mut queued = shared.invokes.close();
+        queued.append(std::mem::take(&mut self.invoked));
+        drop(queued);
         drop(runner);
-        // Queued closures are dropped without running when the `invokes` receiver drops,
-        // right after this, still on this thread; the channel is closed first, so one whose
-        // drop calls `invoke` gets `Error::Closed` instead of queueing forever.
     }
 }

@@ -146,6 +146,7 @@ mod events;
 mod frequency;
 mod id;
 mod ids;
+mod invokes;
 mod local;
 pub mod signal;
 mod table;

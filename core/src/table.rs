@@ -18,7 +18,6 @@ use crate::{Backend, Events, LoopHandle, TimerId, Token, WatchId};
 
 pub(crate) type WatchFn = dyn FnMut(&LoopHandle, WatchId, RawFd, Events) + Send;
 pub(crate) type TimerFn = dyn FnMut(&LoopHandle, TimerId) + Send;
-pub(crate) type InvokeFn = dyn FnOnce(&LoopHandle) + Send;
 
 /// A hasher for the table's integer keys (ids and fd numbers): one multiply, no DoS concern
 /// because the keys are chosen by the loop or the kernel, not by a remote peer.
