@@ -1,16 +1,14 @@
 //! Dispatch while other threads talk to the loop: bench.c's rounds (see [`crate::pipes`]) on
 //! a vireo loop while 0, 1 or 2 other threads call `invoke` and `update_handle` as fast as they
-//! can. The daemon's real workload: its workers hand every reply back through `invoke`.
+//! can (the daemon's real workload: its workers hand every reply back through `invoke`), and
+//! on mio and calloop while other threads send closures through their channels.
 
 use std::io;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Barrier};
 use std::thread;
 
-use vireo_core::Events;
-
-use crate::pipes::{Counters, Pipes, round, start};
+use crate::pipes::{Counters, Pipes, round_marked, start};
 use crate::report::{Chart, Report, Target, median};
 
 /// What `vireo-bench contention` runs.
@@ -26,7 +24,7 @@ pub struct ContentionOptions {
     pub rounds: usize,
     /// Numbers of other threads (each point runs with that many talkers).
     pub talkers: Vec<usize>,
-    /// Systems (`vireo-BACKEND`); all compiled vireo backends when empty.
+    /// Systems (`vireo-BACKEND`, `mio`, `calloop`); all of them when empty.
     pub systems: Vec<String>,
 }
 
@@ -43,70 +41,78 @@ impl Default for ContentionOptions {
     }
 }
 
+/// The other systems measured beside vireo: each with its own channel to the loop.
+const PEERS: [&str; 2] = ["mio", "calloop"];
+
 /// What one system did with `talkers` other threads.
 struct Point {
     /// Median dispatch wall time, µs.
     wall: f64,
     /// Median loop-thread CPU time during dispatch, µs.
     cpu: f64,
-    /// Calls the talkers made.
-    calls: u64,
+    /// Median calls the talkers made during one round's dispatch.
+    calls: f64,
+    /// Calls the talkers made in all.
+    total: u64,
 }
+
+/// A talker's call count, on a cache line of its own (so that counting costs the loop
+/// nothing).
+#[repr(align(128))]
+#[derive(Default)]
+struct Count(AtomicU64);
 
 /// Runs the rounds of one system with `talkers` other threads.
 fn measure(name: &str, opts: &ContentionOptions, talkers: usize) -> io::Result<Point> {
     let pipes = Arc::new(Pipes::new(opts.pipes)?);
     let counters = Arc::new(Counters::default());
     let mut sys = start(name, &pipes, &counters)?;
-    let handle = sys.vireo_handle().ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("{name} is not a vireo loop"),
-        )
-    })?;
-    // A watch of its own for the talkers to update (an idle socket: it never fires).
-    let (idle, _peer) = std::os::unix::net::UnixStream::pair()?;
-    let target = handle
-        .add_handle(idle.as_raw_fd(), Events::empty(), |_, _, _, _| {})
-        .map_err(io::Error::other)?;
     let stop = Arc::new(AtomicBool::new(false));
-    let calls = Arc::new(AtomicU64::new(0));
+    let counts: Arc<Vec<Count>> = Arc::new((0..talkers).map(|_| Count::default()).collect());
     // The rounds start once every talker is talking.
     let talking = Arc::new(Barrier::new(talkers + 1));
-    let threads: Vec<_> = (0..talkers)
-        .map(|t| {
-            let (h, stop, calls) = (handle.clone(), Arc::clone(&stop), Arc::clone(&calls));
-            let talking = Arc::clone(&talking);
-            thread::spawn(move || {
-                let _ = h.invoke(|_| {});
-                let mut made = 1u64;
-                talking.wait();
-                while !stop.load(Relaxed) {
-                    // Each talker alternates: an invoke, then a pause/resume of the idle watch.
-                    if made % 2 == 0 {
-                        let _ = h.invoke(|_| {});
-                    } else {
-                        let events = if (made / 2 + t as u64) % 2 == 0 {
-                            Events::READABLE
-                        } else {
-                            Events::empty()
-                        };
-                        let _ = h.update_handle(target, events);
-                    }
-                    made += 1;
-                }
-                calls.fetch_add(made, Relaxed);
-            })
-        })
-        .collect();
+    let mut threads = Vec::new();
+    for t in 0..talkers {
+        let mut talk = sys.talker()?.ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{name} has no way for other threads to talk to its loop here"),
+            )
+        })?;
+        let (stop, counts, talking) =
+            (Arc::clone(&stop), Arc::clone(&counts), Arc::clone(&talking));
+        threads.push(thread::spawn(move || {
+            talk(0);
+            counts[t].0.store(1, Relaxed);
+            let mut made = 1u64;
+            talking.wait();
+            while !stop.load(Relaxed) {
+                talk(made);
+                made += 1;
+                counts[t].0.store(made, Relaxed);
+            }
+        }));
+    }
     talking.wait();
-    let (mut dispatch, mut cpu) = (Vec::new(), Vec::new());
+    let calls_now = || counts.iter().map(|c| c.0.load(Relaxed)).sum::<u64>();
+    let (mut dispatch, mut cpu, mut calls) = (Vec::new(), Vec::new(), Vec::new());
     let mut result = Ok(());
     for r in 0..=opts.rounds {
-        match round(sys.as_mut(), &pipes, &counters, opts.active, opts.writes) {
+        // The talkers' calls during the timed dispatch.
+        let mut marks = Vec::with_capacity(2);
+        let mut mark = || marks.push(calls_now());
+        match round_marked(
+            sys.as_mut(),
+            &pipes,
+            &counters,
+            opts.active,
+            opts.writes,
+            &mut mark,
+        ) {
             Ok(done) if r > 0 => {
                 dispatch.push(done.dispatch.as_secs_f64() * 1e6);
                 cpu.push(done.dispatch_cpu.as_secs_f64() * 1e6);
+                calls.push(marks.last().copied().unwrap_or(0).saturating_sub(marks[0]) as f64);
             }
             Ok(_) => {}
             Err(e) => {
@@ -119,14 +125,15 @@ fn measure(name: &str, opts: &ContentionOptions, talkers: usize) -> io::Result<P
     for t in threads {
         let _ = t.join();
     }
+    let total = calls_now();
     // Run what the talkers left queued, so the loop drops it on this thread.
     let _ = sys.turn();
     result?;
-    drop(idle);
     Ok(Point {
         wall: median(&mut dispatch),
         cpu: median(&mut cpu),
-        calls: calls.load(Relaxed),
+        calls: median(&mut calls),
+        total,
     })
 }
 
@@ -136,19 +143,26 @@ fn measure(name: &str, opts: &ContentionOptions, talkers: usize) -> io::Result<P
 ///
 /// An unknown system or a system's error.
 pub fn report(opts: &ContentionOptions, mut progress: impl FnMut(&str)) -> io::Result<Report> {
-    let vireo: Vec<String> = crate::pipes::systems()
+    let all: Vec<String> = crate::pipes::systems()
         .into_iter()
-        .filter(|s| s.starts_with("vireo-") && !s.starts_with("vireo-any-"))
+        .filter(|s| {
+            (s.starts_with("vireo-") && !s.starts_with("vireo-any-")) || PEERS.contains(&s.as_str())
+        })
         .collect();
-    let chosen = crate::report::choose(&vireo, &opts.systems)?;
+    let chosen = crate::report::choose(&all, &opts.systems)?;
     let mut rep = Report {
         bench: "contention".into(),
         intro: vec![format!(
             "vireo-bench contention: bench.c dispatch ({} pipes, {} active, {} writes; medians \
-             of {} rounds) while other threads call invoke and update_handle as fast as they \
-             can; ratio = dispatch with talkers / quiet. Wall time includes the time the \
-             talkers take the loop's cores from it (3 threads on 2 cores cannot stay at 1.0x); \
-             loop CPU is what the loop thread itself spent",
+             of {} rounds) while other threads talk to the loop as fast as they can: on vireo \
+             each talker alternates invoke (an empty closure) and update_handle (pausing or \
+             resuming an idle watch); mio's and calloop's talkers send empty closures through \
+             their channels (mio: a crossbeam channel and a mio::Waker woken by the first \
+             sender after a drain; calloop: calloop::channel), which the loop runs. ratio = \
+             dispatch with talkers / quiet. Wall time includes the time the talkers take the \
+             loop's cores from it (3 threads on 2 cores cannot stay at 1.0x); loop CPU is what \
+             the loop thread itself spent; the loop's extra CPU per talker call is (loop CPU - \
+             quiet loop CPU) / calls made during the dispatch",
             opts.pipes, opts.active, opts.writes, opts.rounds
         )],
         columns: [
@@ -158,7 +172,8 @@ pub fn report(opts: &ContentionOptions, mut progress: impl FnMut(&str)) -> io::R
             "vs quiet",
             "loop cpu us",
             "cpu vs quiet",
-            "calls by talkers",
+            "talker calls",
+            "loop ns per call",
         ]
         .map(String::from)
         .to_vec(),
@@ -182,14 +197,19 @@ pub fn report(opts: &ContentionOptions, mut progress: impl FnMut(&str)) -> io::R
                 wall: us,
                 cpu,
                 calls,
+                total,
             } = measure(name, opts, talkers)?;
             let base = *quiet.get_or_insert(us);
             let ratio = us / base;
-            let cpu_ratio = cpu / *quiet_cpu.get_or_insert(cpu);
-            if talkers == 2 && worst.as_ref().is_none_or(|w| ratio > w.0) {
+            let quiet_cpu = *quiet_cpu.get_or_insert(cpu);
+            let cpu_ratio = cpu / quiet_cpu;
+            // The loop's extra CPU for each call the talkers made meanwhile.
+            let per_call = (talkers > 0 && calls > 0.0).then(|| (cpu - quiet_cpu) * 1e3 / calls);
+            let is_vireo = name.starts_with("vireo-");
+            if is_vireo && talkers == 2 && worst.as_ref().is_none_or(|w| ratio > w.0) {
                 worst = Some((ratio, name.clone()));
             }
-            if talkers == 2 && worst_cpu.as_ref().is_none_or(|w| cpu_ratio > w.0) {
+            if is_vireo && talkers == 2 && worst_cpu.as_ref().is_none_or(|w| cpu_ratio > w.0) {
                 worst_cpu = Some((cpu_ratio, name.clone()));
             }
             rep.rows.push(vec![
@@ -199,7 +219,8 @@ pub fn report(opts: &ContentionOptions, mut progress: impl FnMut(&str)) -> io::R
                 format!("{ratio:.2}"),
                 format!("{cpu:.1}"),
                 format!("{cpu_ratio:.2}"),
-                calls.to_string(),
+                format!("{calls:.0}"),
+                per_call.map_or_else(|| "-".into(), |n| format!("{n:.1}")),
             ]);
             rep.json.push(serde_json::json!({
                 "bench": "contention",
@@ -209,7 +230,9 @@ pub fn report(opts: &ContentionOptions, mut progress: impl FnMut(&str)) -> io::R
                 "ratio_vs_quiet": ratio,
                 "loop_cpu_us_median": cpu,
                 "cpu_ratio_vs_quiet": cpu_ratio,
-                "talker_calls": calls,
+                "talker_calls_median": calls,
+                "talker_calls_total": total,
+                "loop_ns_per_talker_call": per_call,
                 "pipes": opts.pipes,
                 "active": opts.active,
                 "writes": opts.writes,
@@ -251,9 +274,15 @@ mod tests {
             talkers: vec![1],
             systems: vec!["vireo-poll".into()],
         };
-        let p = measure("vireo-poll", &opts, 1).unwrap();
-        assert!(p.wall > 0.0 && p.cpu > 0.0);
-        assert!(p.calls > 0, "the talker made no call");
-        assert!(measure("raw-epoll", &opts, 0).is_err());
+        for name in ["vireo-poll", "mio", "calloop"] {
+            let p = measure(name, &opts, 1).unwrap();
+            assert!(p.wall > 0.0 && p.cpu > 0.0, "{name}");
+            assert!(p.total > 0, "{name}: the talker made no call");
+            assert!(p.calls >= 0.0 && p.calls <= p.total as f64, "{name}");
+        }
+        let err = measure("raw-epoll", &opts, 1)
+            .err()
+            .expect("raw epoll has no talker");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
     }
 }

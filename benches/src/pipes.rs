@@ -13,7 +13,8 @@
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
+use std::thread;
 use std::time::{Duration, Instant};
 
 use rustix::event::{PollFd, PollFlags, Timespec, epoll};
@@ -109,12 +110,29 @@ pub trait PipeSystem {
     /// The system's error.
     fn turn(&mut self) -> io::Result<()>;
 
-    /// The loop's handle, for systems that are a vireo loop (other threads talk to it in the
-    /// contention benchmark).
+    /// The loop's handle, for systems that are a vireo loop.
     fn vireo_handle(&self) -> Option<vireo_core::LoopHandle> {
         None
     }
+
+    /// What another thread calls as fast as it can in the contention benchmark, talking to
+    /// the loop the way this system's users do from other threads (the argument counts the
+    /// calls); `None` for systems without such a way here. Closures sent to the loop run in
+    /// its `turn`.
+    ///
+    /// # Errors
+    ///
+    /// The system's error while setting the channel up.
+    fn talker(&mut self) -> io::Result<Option<Talker>> {
+        Ok(None)
+    }
 }
+
+/// One talking thread's call (see [`PipeSystem::talker`]).
+pub type Talker = Box<dyn FnMut(u64) + Send>;
+
+/// A closure sent to a loop by a talker.
+type Message = Box<dyn FnOnce() + Send>;
 
 /// The systems: vireo on each compiled backend that starts here, as the static type a
 /// program gets from `vireo::EventLoop` (`vireo-epoll`: `EventLoop<Epoll>`) and as the
@@ -140,6 +158,7 @@ fn vireo<B: Backend + 'static>(
     Ok(Box::new(Vireo {
         lp: EventLoop::with_backend(backend)?,
         watches: Vec::new(),
+        idle: None,
         pipes: Arc::clone(pipes),
         c: Arc::clone(c),
     }))
@@ -182,6 +201,7 @@ pub fn start(name: &str, pipes: &Arc<Pipes>, c: &Arc<Counters>) -> io::Result<Bo
                 poll: mio::Poll::new()?,
                 events: mio::Events::with_capacity(pipes.len().max(1)),
                 added: false,
+                inbox: None,
                 pipes: Arc::clone(pipes),
                 c: Arc::clone(c),
             }),
@@ -197,6 +217,7 @@ pub fn start(name: &str, pipes: &Arc<Pipes>, c: &Arc<Counters>) -> io::Result<Bo
             "calloop" => Box::new(Calloop {
                 lp: calloop::EventLoop::try_new().map_err(io::Error::other)?,
                 tokens: Vec::new(),
+                inbox: None,
                 pipes: Arc::clone(pipes),
                 c: Arc::clone(c),
             }),
@@ -215,6 +236,12 @@ pub fn start(name: &str, pipes: &Arc<Pipes>, c: &Arc<Counters>) -> io::Result<Bo
 struct Vireo<B: Backend> {
     lp: EventLoop<B>,
     watches: Vec<WatchId>,
+    /// A socket the talkers pause and resume (never ready), made for the first talker.
+    idle: Option<(
+        std::os::unix::net::UnixStream,
+        std::os::unix::net::UnixStream,
+        WatchId,
+    )>,
     pipes: Arc<Pipes>,
     c: Arc<Counters>,
 }
@@ -243,6 +270,34 @@ impl<B: Backend> PipeSystem for Vireo<B> {
 
     fn vireo_handle(&self) -> Option<vireo_core::LoopHandle> {
         Some(self.lp.handle().clone())
+    }
+
+    /// Alternates an `invoke` of an empty closure with a pause or resume of an idle watch.
+    fn talker(&mut self) -> io::Result<Option<Talker>> {
+        let h = self.lp.handle().clone();
+        let target = match &self.idle {
+            Some((_, _, id)) => *id,
+            None => {
+                let (idle, peer) = std::os::unix::net::UnixStream::pair()?;
+                let id = h
+                    .add_handle(idle.as_raw_fd(), Events::empty(), |_, _, _, _| {})
+                    .map_err(io::Error::other)?;
+                self.idle = Some((idle, peer, id));
+                id
+            }
+        };
+        Ok(Some(Box::new(move |made: u64| {
+            if made % 2 == 0 {
+                let _ = h.invoke(|_| {});
+            } else {
+                let events = if (made / 2) % 2 == 0 {
+                    Events::READABLE
+                } else {
+                    Events::empty()
+                };
+                let _ = h.update_handle(target, events);
+            }
+        })))
     }
 }
 
@@ -330,9 +385,26 @@ struct Mio {
     poll: mio::Poll,
     events: mio::Events,
     added: bool,
+    /// The talkers' channel, made for the first talker.
+    inbox: Option<MioInbox>,
     pipes: Arc<Pipes>,
     c: Arc<Counters>,
 }
+
+/// How a mio program takes closures from other threads: a channel plus a `mio::Waker`,
+/// woken only by the first sender after the loop last drained it.
+struct MioInbox {
+    tx: crossbeam_channel::Sender<Message>,
+    rx: crossbeam_channel::Receiver<Message>,
+    notified: Arc<AtomicBool>,
+    waker: Arc<mio::Waker>,
+}
+
+/// The waker's token (the pipes use 0..N).
+const MIO_WAKE: mio::Token = mio::Token(usize::MAX);
+
+/// Closures a mio talker lets wait in the channel before it holds off.
+const MIO_BACKLOG: usize = 100_000;
 
 impl PipeSystem for Mio {
     fn rewatch(&mut self) -> io::Result<()> {
@@ -355,11 +427,56 @@ impl PipeSystem for Mio {
     fn turn(&mut self) -> io::Result<()> {
         self.poll.poll(&mut self.events, Some(Duration::ZERO))?;
         for e in &self.events {
+            if e.token() == MIO_WAKE {
+                if let Some(inbox) = &self.inbox {
+                    inbox.notified.store(false, SeqCst);
+                    // What is queued now, not what keeps arriving: a talker faster than the
+                    // loop would keep it here forever.
+                    for _ in 0..inbox.rx.len() {
+                        let Ok(f) = inbox.rx.try_recv() else { break };
+                        f();
+                    }
+                }
+                continue;
+            }
             bump(&self.c.events, 1);
             // Edge-triggered: read (and pass on) every byte that is there.
             while read_cb(&self.pipes, &self.c, e.token().0) {}
         }
         Ok(())
+    }
+
+    /// Sends an empty closure; wakes the loop when it is the first since the last drain.
+    fn talker(&mut self) -> io::Result<Option<Talker>> {
+        if self.inbox.is_none() {
+            let (tx, rx) = crossbeam_channel::unbounded();
+            self.inbox = Some(MioInbox {
+                tx,
+                rx,
+                notified: Arc::new(AtomicBool::new(false)),
+                waker: Arc::new(mio::Waker::new(self.poll.registry(), MIO_WAKE)?),
+            });
+        }
+        let Some(inbox) = &self.inbox else {
+            return Ok(None);
+        };
+        let (tx, notified, waker) = (
+            inbox.tx.clone(),
+            Arc::clone(&inbox.notified),
+            Arc::clone(&inbox.waker),
+        );
+        Ok(Some(Box::new(move |_| {
+            if tx.len() >= MIO_BACKLOG {
+                // The loop runs fewer closures per second than the talkers send: hold off
+                // rather than let the queue grow without bound.
+                thread::yield_now();
+                return;
+            }
+            let _ = tx.send(Box::new(|| {}));
+            if !notified.load(SeqCst) && !notified.swap(true, SeqCst) {
+                let _ = waker.wake();
+            }
+        })))
     }
 }
 
@@ -406,6 +523,8 @@ impl PipeSystem for Polling {
 struct Calloop {
     lp: calloop::EventLoop<'static, ()>,
     tokens: Vec<calloop::RegistrationToken>,
+    /// The sending end of the talkers' `calloop::channel`, made for the first talker.
+    inbox: Option<calloop::channel::Sender<Message>>,
     pipes: Arc<Pipes>,
     c: Arc<Counters>,
 }
@@ -441,6 +560,28 @@ impl PipeSystem for Calloop {
             .dispatch(Some(Duration::ZERO), &mut ())
             .map_err(io::Error::other)
     }
+
+    /// Sends an empty closure through a `calloop::channel` source.
+    fn talker(&mut self) -> io::Result<Option<Talker>> {
+        if self.inbox.is_none() {
+            let (tx, rx) = calloop::channel::channel::<Message>();
+            self.lp
+                .handle()
+                .insert_source(rx, |event, _, _| {
+                    if let calloop::channel::Event::Msg(f) = event {
+                        f();
+                    }
+                })
+                .map_err(|e| io::Error::other(e.error))?;
+            self.inbox = Some(tx);
+        }
+        let Some(tx) = self.inbox.clone() else {
+            return Ok(None);
+        };
+        Ok(Some(Box::new(move |_| {
+            let _ = tx.send(Box::new(|| {}));
+        })))
+    }
 }
 
 /// One round's measurements.
@@ -471,6 +612,22 @@ pub fn round(
     active: usize,
     writes: usize,
 ) -> io::Result<Round> {
+    round_marked(sys, pipes, c, active, writes, &mut || {})
+}
+
+/// [`round`], calling `mark` right before and right after the timed dispatch.
+///
+/// # Errors
+///
+/// As [`round`].
+pub fn round_marked(
+    sys: &mut dyn PipeSystem,
+    pipes: &Pipes,
+    c: &Counters,
+    active: usize,
+    writes: usize,
+    mark: &mut dyn FnMut(),
+) -> io::Result<Round> {
     let started = Instant::now();
     sys.rewatch()?;
     sys.turn()?;
@@ -485,6 +642,7 @@ pub fn round(
         fired += 1;
     }
     c.fired.store(fired, Relaxed);
+    mark();
     let cpu = crate::report::thread_cpu();
     let started = Instant::now();
     let mut iterations = 0;
@@ -503,10 +661,12 @@ pub fn round(
         }
     }
     let dispatch = started.elapsed();
+    let dispatch_cpu = crate::report::thread_cpu() - cpu;
+    mark();
     Ok(Round {
         setup,
         dispatch,
-        dispatch_cpu: crate::report::thread_cpu() - cpu,
+        dispatch_cpu,
         events: c.events.load(Relaxed),
         iterations,
     })

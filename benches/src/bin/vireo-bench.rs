@@ -362,7 +362,7 @@ struct ContentionArgs {
     /// A smoke run well under a minute.
     #[arg(long)]
     quick: bool,
-    /// Run only these systems (repeatable): vireo-BACKEND.
+    /// Run only these systems (repeatable): vireo-BACKEND, mio or calloop.
     #[arg(long = "system", value_name = "NAME")]
     systems: Vec<String>,
     #[command(flatten)]
