@@ -6,9 +6,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering, Ordering::
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use crate::fence;
 use crate::invokes::{Batch, Invokes};
 use crate::local::{LoopLocal, WeakLoopLocal, thread_mark};
-use crate::table::{FileIdent, Garbage, REMOVED, State, TimerFn, Wake, WatchFn};
+use crate::table::{FileIdent, Garbage, REMOVED, State, Taken, TimerFn, Wake, WatchFn};
 use crate::timers::Due;
 use crate::waker::Waker;
 use crate::{Backend, Clock, Error, Events, Frequency, Readiness, TimerId, Token, WatchId};
@@ -24,9 +25,12 @@ pub(crate) struct Shared {
     /// one atomic swap.
     invokes: Invokes<LoopHandle>,
     /// The id of the watch whose callback runs now on the loop thread, 0 when none. The loop
-    /// swaps it in (`SeqCst`) before it reads the watch's flags; a remover stores the flags
-    /// (`SeqCst`) before it reads this: one of them sees the other (a Dekker pair).
+    /// stores it, fences ([`fence::light`]), then reads the watch's flags; a remover stores
+    /// the flags, fences ([`fence::heavy`]), then reads this: one of them sees the other (a
+    /// Dekker pair whose full fence is paid by the rare remover, see [`crate::fence`]).
     running: AtomicU64,
+    /// Whether removers make the handshake's full fence for the loop ([`fence::asymmetric`]).
+    asymmetric: bool,
     /// Removers from other threads waiting for `running` to change.
     waiters: AtomicUsize,
     /// Held by a waiting remover around its check of `running`, and by the loop to notify.
@@ -62,7 +66,12 @@ impl Shared {
     /// runs once the caller returns. The loop thread never waits (the invocation is its own
     /// caller).
     fn wait_for_invocation(&self, on_loop_thread: bool, id: WatchId) {
-        if on_loop_thread || self.running.load(SeqCst) != id.0 {
+        if on_loop_thread {
+            return;
+        }
+        // Between the flags stored by the caller and the read of `running`.
+        fence::heavy(self.asymmetric);
+        if self.running.load(SeqCst) != id.0 {
             return;
         }
         let mut guard = self
@@ -70,6 +79,9 @@ impl Shared {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         self.waiters.fetch_add(1, SeqCst);
+        // Between the count and the read of `running`: the loop, which reads the count after
+        // it stored `running`, either sees this waiter or has its store seen here.
+        fence::heavy(self.asymmetric);
         while self.running.load(SeqCst) == id.0 {
             guard = self
                 .finished
@@ -81,9 +93,14 @@ impl Shared {
 
     /// Loop thread: says the watch that was running (if any) has returned and `next` (0 for
     /// none) runs now, and wakes removers waiting for the one that returned.
+    #[inline]
     fn set_running(&self, next: u64) {
-        self.running.swap(next, SeqCst);
-        if self.waiters.load(SeqCst) > 0 {
+        // Release: a remover that reads the new value sees everything the returned callback
+        // did. The fence orders the store before the reads that follow (the waiters here, the
+        // next watch's flags in the caller).
+        self.running.store(next, Ordering::Release);
+        fence::light(self.asymmetric);
+        if self.waiters.load(Ordering::Relaxed) > 0 {
             let _guard = self
                 .wait_lock
                 .lock()
@@ -441,22 +458,6 @@ pub struct LoopStats {
     pub backend_rebuilds: u64,
 }
 
-/// A watch taken out of the table for one dispatch pass.
-struct Taken {
-    id: WatchId,
-    slot: usize,
-    fd: RawFd,
-    ready: Events,
-    /// The watch's [`Watch::flags`](crate::table::Watch), borrowed for the pass.
-    flags: *const std::sync::atomic::AtomicU32,
-    cb: Box<WatchFn>,
-}
-
-// SAFETY: `flags` is only dereferenced during the pass that created it, on the thread that
-// runs the pass; between passes the list of `Taken` is empty, so moving the loop to another
-// thread moves no live pointer. The callback is `Send` itself.
-unsafe impl Send for Taken {}
-
 /// Holds the watch callbacks taken out of the table for one dispatch pass (under one lock)
 /// and returns them all under one lock when the pass ends, also when a callback panics, so
 /// every watch stays usable. (Removed entries stay in the table until the next purge, so
@@ -535,7 +536,6 @@ pub struct EventLoop<B: Backend> {
     backend: B,
     handle: LoopHandle,
     ready: Vec<Readiness>,
-    candidates: Vec<(WatchId, usize, Events)>,
     /// Callbacks out of the table during the dispatch pass (kept for its capacity).
     taken: Vec<Taken>,
     /// Closures taken from [`Shared::invokes`] that have not run yet: empty between
@@ -590,6 +590,7 @@ impl<B: Backend> EventLoop<B> {
                     runner: AtomicU64::new(0),
                     invokes: Invokes::new(),
                     running: AtomicU64::new(0),
+                    asymmetric: fence::asymmetric(),
                     waiters: AtomicUsize::new(0),
                     wait_lock: Mutex::new(()),
                     finished: Condvar::new(),
@@ -599,7 +600,6 @@ impl<B: Backend> EventLoop<B> {
                 }),
             },
             ready: Vec::with_capacity(256),
-            candidates: Vec::with_capacity(256),
             taken: Vec::with_capacity(256),
             invoked: Batch::default(),
             due: Vec::new(),
@@ -787,11 +787,10 @@ impl<B: Backend> EventLoop<B> {
         waited?;
         self.iterations += 1;
 
-        // One lock for everything dispatch needs from the table: the ready watches, the due
-        // timers, and every candidate's callback. Whether a watch was removed or paused since
-        // is read from its flags, without the lock, just before it runs; the callbacks go
-        // back in one batch when the pass ends.
-        self.candidates.clear();
+        // One lock for everything dispatch needs from the table: the due timers and the
+        // callbacks of the ready watches, taken out in one pass over the reports. Whether a
+        // watch was removed or paused since is read from its flags, without the lock, just
+        // before it runs; the callbacks go back in one batch when the pass ends.
         let mut now = None;
         {
             let mut state = shared.lock();
@@ -800,13 +799,13 @@ impl<B: Backend> EventLoop<B> {
                 if r.token == Token::WAKER {
                     shared.waker.drain();
                 } else {
-                    stale |= !state.resolve(r.token, r.events, &mut self.candidates);
+                    stale |= !state.take_ready(r.token, r.events, &mut self.taken);
                 }
             }
             // A registration the backend refused is that fd's error, reported to its watches
             // (a token gone since then has nobody left to tell).
             for token in std::mem::take(&mut state.failed) {
-                state.resolve(token, Events::ERROR, &mut self.candidates);
+                state.take_ready(token, Events::ERROR, &mut self.taken);
             }
             if stale {
                 // Without a fresh instance (out of fds, say) the loop goes on with this one:
@@ -815,42 +814,15 @@ impl<B: Backend> EventLoop<B> {
                 let _ = replace_backend(&mut self.backend, shared, &mut self.rebuilds);
                 state = shared.lock();
             }
-            if !self.candidates.is_sorted_by_key(|c| c.0) {
-                self.candidates.sort_unstable_by_key(|c| c.0);
+            // Ascending id order, whatever order the backend reported in.
+            if !self.taken.is_sorted_by_key(|t| t.id) {
+                self.taken.sort_unstable_by_key(|t| t.id);
             }
-            // One call per watch per iteration, also when a token was reported twice (a
-            // backend that breaks the at-most-once rule, or a failed registration's ERROR
-            // beside a report).
-            self.candidates.dedup_by(|later, first| {
-                if later.0 == first.0 {
-                    first.2 |= later.2;
-                    true
-                } else {
-                    false
-                }
-            });
             // The clock is read only when a timer may be due.
             if state.timers.has_any() {
                 let t = shared.now();
                 state.timers.collect_due(t, &mut self.due);
                 now = Some(t);
-            }
-            for &(id, slot, ready) in &self.candidates {
-                if let Some(w) = state.watches.get_mut(slot).filter(|w| w.id == id) {
-                    if w.removed {
-                        continue;
-                    }
-                    if let Some(cb) = w.cb.take() {
-                        self.taken.push(Taken {
-                            id,
-                            slot,
-                            fd: w.fd,
-                            ready,
-                            flags: Arc::as_ptr(&w.flags),
-                            cb,
-                        });
-                    }
-                }
             }
         }
         // Returns the watch callbacks also when a callback or a queued closure panics;
@@ -890,7 +862,7 @@ impl<B: Backend> EventLoop<B> {
             // is never replaced) until a purge; purges run on this thread only, before and
             // after the pass, never inside it (callbacks reach the table only through the
             // handle, which never purges), and `clear` needs the loop itself.
-            let flags = unsafe { (*t.flags).load(SeqCst) };
+            let flags = unsafe { (*t.flags).load(Ordering::Acquire) };
             if flags & REMOVED != 0 {
                 continue;
             }

@@ -143,6 +143,7 @@ mod backend;
 mod error;
 mod event_loop;
 mod events;
+mod fence;
 mod frequency;
 mod id;
 mod ids;

@@ -69,6 +69,22 @@ pub(crate) struct Watch {
     pub(crate) cb: Option<Box<WatchFn>>,
 }
 
+/// A watch taken out of the table for one dispatch pass.
+pub(crate) struct Taken {
+    pub(crate) id: WatchId,
+    pub(crate) slot: usize,
+    pub(crate) fd: RawFd,
+    pub(crate) ready: Events,
+    /// The watch's [`Watch::flags`], borrowed for the pass.
+    pub(crate) flags: *const AtomicU32,
+    pub(crate) cb: Box<WatchFn>,
+}
+
+// SAFETY: `flags` is only dereferenced during the pass that created it, on the thread that
+// runs the pass; between passes the list of `Taken` is empty, so moving the loop to another
+// thread moves no live pointer. The callback is `Send` itself.
+unsafe impl Send for Taken {}
+
 /// The bit of [`Watch::flags`] that says the watch was removed (the low bits are its events).
 pub(crate) const REMOVED: u32 = 1 << 31;
 
@@ -400,21 +416,44 @@ impl State {
         self.dirty.is_empty()
     }
 
-    /// Resolves one backend report into `(watch, slot, events)` candidates. Returns false for a
-    /// stale token: a registration the kernel kept although the core replaced or removed it.
-    pub(crate) fn resolve(
-        &self,
+    /// Takes the callbacks of the watches on the fd behind `token` out of the table for the
+    /// dispatch pass, each with `events`; a watch already taken in this pass (its token was
+    /// reported twice, or a refused registration's `ERROR` came beside a report) gets
+    /// `events` added instead, so that it runs once. Returns false when no fd has `token`.
+    pub(crate) fn take_ready(
+        &mut self,
         token: Token,
         events: Events,
-        out: &mut Vec<(WatchId, usize, Events)>,
+        out: &mut Vec<Taken>,
     ) -> bool {
-        match self.fds.get(token.slot()) {
-            Some(entry) if entry.token == token => {
-                out.extend(entry.watches.iter().map(|&(id, slot)| (id, slot, events)));
-                true
+        let Some(entry) = self.fds.get(token.slot()).filter(|e| e.token == token) else {
+            return false;
+        };
+        for &(id, slot) in &entry.watches {
+            let Some(w) = self
+                .watches
+                .get_mut(slot)
+                .filter(|w| w.id == id && !w.removed)
+            else {
+                continue;
+            };
+            match w.cb.take() {
+                Some(cb) => out.push(Taken {
+                    id,
+                    slot,
+                    fd: w.fd,
+                    ready: events,
+                    flags: Arc::as_ptr(&w.flags),
+                    cb,
+                }),
+                None => {
+                    if let Some(t) = out.iter_mut().rev().find(|t| t.id == id) {
+                        t.ready |= events;
+                    }
+                }
             }
-            _ => false,
         }
+        true
     }
 
     /// Marks every fd as unregistered and dirty, for a fresh backend instance.
