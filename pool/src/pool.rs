@@ -773,10 +773,16 @@ impl Pool {
     /// After a job was queued: if every normal worker retired meanwhile (an idle timeout that
     /// raced this submit), start one, so that no job waits in a pool without workers.
     fn ensure_a_worker(&self) {
+        std::sync::atomic::fence(SeqCst);
+        self.ensure_a_worker_fenced();
+    }
+
+    /// [`ensure_a_worker`](Pool::ensure_a_worker) right after a `SeqCst` fence that followed
+    /// the queueing.
+    fn ensure_a_worker_fenced(&self) {
         let s = &self.shared;
         // Pairs with the fence in `Shared::count_worker`: a retiring worker lowers the count and
-        // then reads the queues; the submitter queued and now reads the count.
-        std::sync::atomic::fence(SeqCst);
+        // then reads the queues; the submitter queued, fenced, and now reads the count.
         if s.workers.load(SeqCst) == 0 {
             self.grow(|control| control.workers == 0);
         }
@@ -807,8 +813,11 @@ impl Pool {
         if let Some(job) = job {
             s.injector.push(job);
         }
-        s.sleep.publish();
-        self.ensure_a_worker();
+        // One fence after the job is visible serves both checks that follow: a sleepy worker
+        // to wake, and a pool whose last worker just retired.
+        std::sync::atomic::fence(SeqCst);
+        s.sleep.publish_fenced();
+        self.ensure_a_worker_fenced();
     }
 
     /// Queues a job. From inside a job of this pool the job goes to the running worker's own

@@ -159,9 +159,15 @@ impl Sleep {
     /// A submitter's side, after its job is visible: bump the counter, wake one sleeper if
     /// there is one. Returns whether a sleeper was notified.
     pub(crate) fn publish(&self) -> bool {
+        fence(SeqCst);
+        self.publish_fenced()
+    }
+
+    /// [`publish`](Sleep::publish) for a submitter that made a `SeqCst` fence after its job
+    /// became visible (one fence serving several checks).
+    pub(crate) fn publish_fenced(&self) -> bool {
         // The fast path writes nothing shared: with no worker sleepy, any worker that becomes
         // sleepy later searches again after its announcement and finds the job.
-        fence(SeqCst);
         if self.sleepy.load(Relaxed) == 0 {
             return false;
         }
