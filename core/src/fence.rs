@@ -71,3 +71,78 @@ pub(crate) fn heavy(asymmetric: bool) {
     }
     let _ = membarrier(MembarrierCommand::Global);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+
+    /// The store-buffering litmus test, many times over: each side stores its flag, fences
+    /// (the loop [`light`], the remover [`heavy`]) and reads the other's. Both reading the
+    /// old value would be the lost handshake; x86 itself lets that happen without fences.
+    fn store_buffering(asymmetric: bool, rounds: u64) {
+        let (a, b) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        // Round numbers to start; each side reports what it saw of the other's round.
+        let (go, seen) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let done = Arc::new(AtomicBool::new(false));
+        let remover = {
+            let (a, b, go, seen, done) = (
+                Arc::clone(&a),
+                Arc::clone(&b),
+                Arc::clone(&go),
+                Arc::clone(&seen),
+                Arc::clone(&done),
+            );
+            std::thread::spawn(move || {
+                let mut round = 0;
+                while !done.load(Relaxed) && round < rounds {
+                    let next = go.load(SeqCst);
+                    if next == round {
+                        std::hint::spin_loop();
+                        continue;
+                    }
+                    round = next;
+                    b.store(round, Relaxed);
+                    heavy(asymmetric);
+                    seen.store(a.load(Relaxed) + 1, SeqCst);
+                }
+            })
+        };
+        for round in 1..=rounds {
+            seen.store(0, SeqCst);
+            go.store(round, SeqCst);
+            a.store(round, Relaxed);
+            light(asymmetric);
+            let saw_b = b.load(Relaxed);
+            let saw_a = loop {
+                match seen.load(SeqCst) {
+                    0 => std::hint::spin_loop(),
+                    n => break n - 1,
+                }
+            };
+            assert!(
+                saw_a == round || saw_b == round,
+                "round {round}: neither side saw the other (asymmetric: {asymmetric})"
+            );
+        }
+        done.store(true, Relaxed);
+        remover.join().unwrap();
+    }
+
+    #[test]
+    fn the_fence_pair_never_loses_the_handshake() {
+        let asymmetric = asymmetric();
+        store_buffering(asymmetric, 2_000);
+        // The fallback pair (a full fence on each side) must hold as well.
+        store_buffering(false, 2_000);
+    }
+
+    #[test]
+    fn registration_is_stable_within_a_process() {
+        assert_eq!(asymmetric(), asymmetric());
+        // Whatever the kernel allowed, the remover's side never fails.
+        heavy(asymmetric());
+        heavy(false);
+    }
+}
