@@ -776,14 +776,17 @@ impl<B: Backend> EventLoop<B> {
         };
         // A wait that does not block is not asleep: changes from other threads meanwhile
         // cost them no eventfd write (the next iteration sees them anyway).
-        let timeout = if timeout == Some(Duration::ZERO) || shared.waker.sleep(seen) {
+        let marked_asleep = timeout != Some(Duration::ZERO);
+        let timeout = if !marked_asleep || shared.waker.sleep(seen) {
             timeout
         } else {
             Some(Duration::ZERO)
         };
         self.ready.clear();
         let waited = self.backend.wait(&mut self.ready, timeout);
-        shared.waker.awake();
+        if marked_asleep {
+            shared.waker.awake();
+        }
         waited?;
         self.iterations += 1;
 
