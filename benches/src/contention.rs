@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Barrier};
 use std::thread;
 
-use crate::pipes::{Counters, Pipes, round_marked, start};
+use crate::pipes::{Counters, Pipes, REPLY, round_marked, start};
 use crate::report::{Chart, Report, Target, median};
 
 /// What `vireo-bench contention` runs.
@@ -26,6 +26,9 @@ pub struct ContentionOptions {
     pub talkers: Vec<usize>,
     /// Systems (`vireo-BACKEND`, `mio`, `calloop`); all of them when empty.
     pub systems: Vec<String>,
+    /// Bytes each talker's closure captures: 0 (nothing, so boxing it allocates nothing) and
+    /// [`REPLY`] (a worker's reply); each value is a point of its own.
+    pub captured: Vec<usize>,
 }
 
 impl Default for ContentionOptions {
@@ -37,6 +40,7 @@ impl Default for ContentionOptions {
             rounds: 15,
             talkers: vec![0, 1, 2],
             systems: Vec::new(),
+            captured: vec![0, REPLY],
         }
     }
 }
@@ -63,7 +67,12 @@ struct Point {
 struct Count(AtomicU64);
 
 /// Runs the rounds of one system with `talkers` other threads.
-fn measure(name: &str, opts: &ContentionOptions, talkers: usize) -> io::Result<Point> {
+fn measure(
+    name: &str,
+    opts: &ContentionOptions,
+    talkers: usize,
+    captured: bool,
+) -> io::Result<Point> {
     let pipes = Arc::new(Pipes::new(opts.pipes)?);
     let counters = Arc::new(Counters::default());
     let mut sys = start(name, &pipes, &counters)?;
@@ -73,7 +82,7 @@ fn measure(name: &str, opts: &ContentionOptions, talkers: usize) -> io::Result<P
     let talking = Arc::new(Barrier::new(talkers + 1));
     let mut threads = Vec::new();
     for t in 0..talkers {
-        let mut talk = sys.talker()?.ok_or_else(|| {
+        let mut talk = sys.talker(captured)?.ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!("{name} has no way for other threads to talk to its loop here"),
@@ -155,18 +164,25 @@ pub fn report(opts: &ContentionOptions, mut progress: impl FnMut(&str)) -> io::R
         intro: vec![format!(
             "vireo-bench contention: bench.c dispatch ({} pipes, {} active, {} writes; medians \
              of {} rounds) while other threads talk to the loop as fast as they can: on vireo \
-             each talker alternates invoke (an empty closure) and update_handle (pausing or \
-             resuming an idle watch); mio's and calloop's talkers send empty closures through \
-             their channels (mio: a crossbeam channel and a mio::Waker woken by the first \
-             sender after a drain; calloop: calloop::channel), which the loop runs. ratio = \
-             dispatch with talkers / quiet. Wall time includes the time the talkers take the \
-             loop's cores from it (3 threads on 2 cores cannot stay at 1.0x); loop CPU is what \
-             the loop thread itself spent; the loop's extra CPU per talker call is (loop CPU - \
-             quiet loop CPU) / calls made during the dispatch",
-            opts.pipes, opts.active, opts.writes, opts.rounds
+             each talker alternates invoke and update_handle (pausing or resuming an idle \
+             watch); mio's and calloop's talkers send closures through their channels (mio: a \
+             crossbeam channel and a mio::Waker woken by the first sender after a drain, \
+             holding off while {} wait; calloop: calloop::channel), which the loop runs. Each \
+             closure captures nothing (0 B: boxing it allocates nothing) or {} B (a worker's \
+             reply). ratio = dispatch with talkers / quiet. Wall time includes the time the \
+             talkers take the loop's cores from it (3 threads on 2 cores cannot stay at 1.0x); \
+             loop CPU is what the loop thread itself spent; the loop's extra CPU per talker \
+             call is (loop CPU - quiet loop CPU) / calls made during the dispatch",
+            opts.pipes,
+            opts.active,
+            opts.writes,
+            opts.rounds,
+            crate::pipes::MIO_BACKLOG,
+            REPLY
         )],
         columns: [
             "system",
+            "captured B",
             "talkers",
             "dispatch us",
             "vs quiet",
@@ -187,18 +203,41 @@ pub fn report(opts: &ContentionOptions, mut progress: impl FnMut(&str)) -> io::R
     };
     let mut worst: Option<(f64, String)> = None;
     let mut worst_cpu: Option<(f64, String)> = None;
+    if let Some(bad) = opts.captured.iter().find(|&&c| c != 0 && c != REPLY) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("captured bytes must be 0 or {REPLY}, not {bad}"),
+        ));
+    }
+    // The quiet point first (the base of the ratios), then every talker count with each
+    // closure size.
+    let mut plan: Vec<(usize, Option<usize>)> = Vec::new();
+    if opts.talkers.contains(&0) {
+        plan.push((0, None));
+    }
+    for &c in &opts.captured {
+        plan.extend(
+            opts.talkers
+                .iter()
+                .filter(|&&t| t > 0)
+                .map(|&t| (t, Some(c))),
+        );
+    }
     for name in &chosen {
         let mut quiet = None;
         let mut quiet_cpu = None;
         let mut bars = Vec::new();
-        for &talkers in &opts.talkers {
-            progress(&format!("{name}, {talkers} talkers"));
+        for &(talkers, captured) in &plan {
+            progress(&format!(
+                "{name}, {talkers} talkers, {} B captured",
+                captured.unwrap_or(0)
+            ));
             let Point {
                 wall: us,
                 cpu,
                 calls,
                 total,
-            } = measure(name, opts, talkers)?;
+            } = measure(name, opts, talkers, captured.is_some_and(|c| c > 0))?;
             let base = *quiet.get_or_insert(us);
             let ratio = us / base;
             let quiet_cpu = *quiet_cpu.get_or_insert(cpu);
@@ -214,6 +253,7 @@ pub fn report(opts: &ContentionOptions, mut progress: impl FnMut(&str)) -> io::R
             }
             rep.rows.push(vec![
                 name.clone(),
+                captured.map_or_else(|| "-".into(), |c| c.to_string()),
                 talkers.to_string(),
                 format!("{us:.1}"),
                 format!("{ratio:.2}"),
@@ -226,6 +266,7 @@ pub fn report(opts: &ContentionOptions, mut progress: impl FnMut(&str)) -> io::R
                 "bench": "contention",
                 "system": name,
                 "talkers": talkers,
+                "captured_bytes": captured,
                 "dispatch_us_median": us,
                 "ratio_vs_quiet": ratio,
                 "loop_cpu_us_median": cpu,
@@ -238,7 +279,13 @@ pub fn report(opts: &ContentionOptions, mut progress: impl FnMut(&str)) -> io::R
                 "writes": opts.writes,
                 "rounds": opts.rounds,
             }));
-            bars.push((format!("{talkers} talkers"), us));
+            bars.push((
+                match captured {
+                    Some(c) => format!("{talkers} talkers, {c} B"),
+                    None => format!("{talkers} talkers"),
+                },
+                us,
+            ));
         }
         chart.groups.push((name.clone(), bars));
     }
@@ -273,14 +320,15 @@ mod tests {
             rounds: 2,
             talkers: vec![1],
             systems: vec!["vireo-poll".into()],
+            captured: vec![REPLY],
         };
         for name in ["vireo-poll", "mio", "calloop"] {
-            let p = measure(name, &opts, 1).unwrap();
+            let p = measure(name, &opts, 1, true).unwrap();
             assert!(p.wall > 0.0 && p.cpu > 0.0, "{name}");
             assert!(p.total > 0, "{name}: the talker made no call");
             assert!(p.calls >= 0.0 && p.calls <= p.total as f64, "{name}");
         }
-        let err = measure("raw-epoll", &opts, 1)
+        let err = measure("raw-epoll", &opts, 1, false)
             .err()
             .expect("raw epoll has no talker");
         assert_eq!(err.kind(), io::ErrorKind::InvalidInput);

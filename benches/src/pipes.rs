@@ -118,13 +118,31 @@ pub trait PipeSystem {
     /// What another thread calls as fast as it can in the contention benchmark, talking to
     /// the loop the way this system's users do from other threads (the argument counts the
     /// calls); `None` for systems without such a way here. Closures sent to the loop run in
-    /// its `turn`.
+    /// its `turn`; with `captured` each carries [`REPLY`] bytes, as a worker's reply does,
+    /// else it captures nothing (and boxing it allocates nothing).
     ///
     /// # Errors
     ///
     /// The system's error while setting the channel up.
-    fn talker(&mut self) -> io::Result<Option<Talker>> {
+    fn talker(&mut self, captured: bool) -> io::Result<Option<Talker>> {
+        let _ = captured;
         Ok(None)
+    }
+}
+
+/// Bytes a talker's closure carries when it stands for a worker's reply.
+pub const REPLY: usize = 32;
+
+/// A talker's closure body for a call numbered `made`: captures [`REPLY`] bytes or nothing.
+/// `send` gets the closure to run on the loop.
+fn message(captured: bool, made: u64, send: impl FnOnce(Message)) {
+    if captured {
+        let reply = [made as u8; REPLY];
+        send(Box::new(move || {
+            std::hint::black_box(&reply);
+        }));
+    } else {
+        send(Box::new(|| {}));
     }
 }
 
@@ -272,8 +290,8 @@ impl<B: Backend> PipeSystem for Vireo<B> {
         Some(self.lp.handle().clone())
     }
 
-    /// Alternates an `invoke` of an empty closure with a pause or resume of an idle watch.
-    fn talker(&mut self) -> io::Result<Option<Talker>> {
+    /// Alternates an `invoke` with a pause or resume of an idle watch.
+    fn talker(&mut self, captured: bool) -> io::Result<Option<Talker>> {
         let h = self.lp.handle().clone();
         let target = match &self.idle {
             Some((_, _, id)) => *id,
@@ -288,7 +306,14 @@ impl<B: Backend> PipeSystem for Vireo<B> {
         };
         Ok(Some(Box::new(move |made: u64| {
             if made % 2 == 0 {
-                let _ = h.invoke(|_| {});
+                if captured {
+                    let reply = [made as u8; REPLY];
+                    let _ = h.invoke(move |_| {
+                        std::hint::black_box(&reply);
+                    });
+                } else {
+                    let _ = h.invoke(|_| {});
+                }
             } else {
                 let events = if (made / 2) % 2 == 0 {
                     Events::READABLE
@@ -404,7 +429,7 @@ struct MioInbox {
 const MIO_WAKE: mio::Token = mio::Token(usize::MAX);
 
 /// Closures a mio talker lets wait in the channel before it holds off.
-const MIO_BACKLOG: usize = 100_000;
+pub const MIO_BACKLOG: usize = 100_000;
 
 impl PipeSystem for Mio {
     fn rewatch(&mut self) -> io::Result<()> {
@@ -446,8 +471,8 @@ impl PipeSystem for Mio {
         Ok(())
     }
 
-    /// Sends an empty closure; wakes the loop when it is the first since the last drain.
-    fn talker(&mut self) -> io::Result<Option<Talker>> {
+    /// Sends a closure; wakes the loop when it is the first since the last drain.
+    fn talker(&mut self, captured: bool) -> io::Result<Option<Talker>> {
         if self.inbox.is_none() {
             let (tx, rx) = crossbeam_channel::unbounded();
             self.inbox = Some(MioInbox {
@@ -465,14 +490,16 @@ impl PipeSystem for Mio {
             Arc::clone(&inbox.notified),
             Arc::clone(&inbox.waker),
         );
-        Ok(Some(Box::new(move |_| {
+        Ok(Some(Box::new(move |made| {
             if tx.len() >= MIO_BACKLOG {
                 // The loop runs fewer closures per second than the talkers send: hold off
                 // rather than let the queue grow without bound.
                 thread::yield_now();
                 return;
             }
-            let _ = tx.send(Box::new(|| {}));
+            message(captured, made, |m| {
+                let _ = tx.send(m);
+            });
             if !notified.load(SeqCst) && !notified.swap(true, SeqCst) {
                 let _ = waker.wake();
             }
@@ -561,8 +588,8 @@ impl PipeSystem for Calloop {
             .map_err(io::Error::other)
     }
 
-    /// Sends an empty closure through a `calloop::channel` source.
-    fn talker(&mut self) -> io::Result<Option<Talker>> {
+    /// Sends a closure through a `calloop::channel` source.
+    fn talker(&mut self, captured: bool) -> io::Result<Option<Talker>> {
         if self.inbox.is_none() {
             let (tx, rx) = calloop::channel::channel::<Message>();
             self.lp
@@ -578,8 +605,10 @@ impl PipeSystem for Calloop {
         let Some(tx) = self.inbox.clone() else {
             return Ok(None);
         };
-        Ok(Some(Box::new(move |_| {
-            let _ = tx.send(Box::new(|| {}));
+        Ok(Some(Box::new(move |made| {
+            message(captured, made, |m| {
+                let _ = tx.send(m);
+            });
         })))
     }
 }

@@ -365,6 +365,10 @@ struct ContentionArgs {
     /// Run only these systems (repeatable): vireo-BACKEND, mio or calloop.
     #[arg(long = "system", value_name = "NAME")]
     systems: Vec<String>,
+    /// Bytes each talker's closure captures (comma-separated): 0 (nothing) and/or 32 (a
+    /// worker's reply).
+    #[arg(long, value_delimiter = ',', default_value = "0,32")]
+    captured: Vec<usize>,
     #[command(flatten)]
     out: Output,
 }
@@ -384,6 +388,7 @@ fn contention(mut args: ContentionArgs) -> anyhow::Result<()> {
         rounds: args.rounds,
         talkers: args.talkers,
         systems: args.systems,
+        captured: args.captured,
     };
     run_bench(&args.out, |progress| {
         vireo_benches::contention::report(&opts, progress)
