@@ -121,7 +121,9 @@ impl<A> Invokes<A> {
 
     /// Takes everything queued so far, oldest first (loop thread).
     pub(crate) fn take(&self) -> Batch<A> {
-        if self.head.load(Relaxed).is_null() {
+        let head = self.head.load(Relaxed);
+        // A closed queue stays closed: swapping null in would reopen it.
+        if head.is_null() || head == closed() {
             return Batch::default();
         }
         // SAFETY: `swap` hands this caller the whole published list (acquire).
@@ -318,6 +320,9 @@ mod tests {
         drop(back);
         assert!(q.is_empty());
         assert!(q.take().is_empty());
+        // Taking did not reopen it.
+        let t = Arc::clone(&token);
+        assert!(q.push(move |_| drop(t)).is_err());
         assert_eq!(Arc::strong_count(&token), 1);
     }
 
