@@ -800,6 +800,13 @@ impl<B: Backend> EventLoop<B> {
         // watch was removed or paused since is read from its flags, without the lock, just
         // before it runs; the callbacks go back in one batch when the pass ends.
         let mut now = None;
+        // Returns the watch callbacks also when anything from here on panics (a callback, a
+        // queued closure, the backend while it is replaced); normally they go back with the
+        // purge below, under its lock.
+        let mut running = RunningWatches {
+            shared,
+            taken: &mut self.taken,
+        };
         {
             let mut state = shared.lock();
             let mut stale = false;
@@ -807,13 +814,13 @@ impl<B: Backend> EventLoop<B> {
                 if r.token == Token::WAKER {
                     shared.waker.drain();
                 } else {
-                    stale |= !state.take_ready(r.token, r.events, &mut self.taken);
+                    stale |= !state.take_ready(r.token, r.events, running.taken);
                 }
             }
             // A registration the backend refused is that fd's error, reported to its watches
             // (a token gone since then has nobody left to tell).
             for token in std::mem::take(&mut state.failed) {
-                state.take_ready(token, Events::ERROR, &mut self.taken);
+                state.take_ready(token, Events::ERROR, running.taken);
             }
             if stale {
                 // Without a fresh instance (out of fds, say) the loop goes on with this one:
@@ -823,8 +830,8 @@ impl<B: Backend> EventLoop<B> {
                 state = shared.lock();
             }
             // Ascending id order, whatever order the backend reported in.
-            if !self.taken.is_sorted_by_key(|t| t.id) {
-                self.taken.sort_unstable_by_key(|t| t.id);
+            if !running.taken.is_sorted_by_key(|t| t.id) {
+                running.taken.sort_unstable_by_key(|t| t.id);
             }
             // The clock is read only when a timer may be due.
             if state.timers.has_any() {
@@ -833,12 +840,6 @@ impl<B: Backend> EventLoop<B> {
                 now = Some(t);
             }
         }
-        // Returns the watch callbacks also when a callback or a queued closure panics;
-        // normally they go back with the purge below, under its lock.
-        let mut running = RunningWatches {
-            shared,
-            taken: &mut self.taken,
-        };
 
         let mut count = 0;
         if let Some(now) = now {
