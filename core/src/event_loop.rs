@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use crate::fence;
 use crate::invokes::{Batch, Invokes};
 use crate::local::{LoopLocal, WeakLoopLocal, thread_mark};
-use crate::table::{FileIdent, Garbage, REMOVED, State, Taken, TimerFn, Wake, WatchFn};
+use crate::table::{FileIdent, Garbage, REMOVED, State, Taken, TimerFn, Wake, WatchCell};
 use crate::timers::Due;
 use crate::waker::Waker;
 use crate::{Backend, Clock, Error, Events, Frequency, Readiness, TimerId, Token, WatchId};
@@ -29,6 +29,12 @@ pub(crate) struct Shared {
     /// the flags, fences ([`fence::heavy`]), then reads this: one of them sees the other (a
     /// Dekker pair whose full fence is paid by the rare remover, see [`crate::fence`]).
     running: AtomicU64,
+    /// The dispatch pass counter: odd while a pass runs (the number every watch it took
+    /// carries in its cell), even otherwise. The loop stores the odd number under the state
+    /// lock when it takes the ready watches, and the next even one, without the lock, once
+    /// the last callback of the pass returned; changers read it under the lock to learn
+    /// whether the watch they change may be running (see `State::in_pass`).
+    pass: AtomicU64,
     /// Whether removers make the handshake's full fence for the loop ([`fence::asymmetric`]).
     asymmetric: bool,
     /// Removers from other threads waiting for `running` to change.
@@ -59,9 +65,9 @@ impl Shared {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Called after watch `id` was removed or paused while its callback was out of the table
-    /// for the running dispatch pass (a watch whose callback is in the table is not running
-    /// and will not run in this pass), with the lock released: from another thread, waits
+    /// Called after watch `id` was removed or paused while it was taken by the running
+    /// dispatch pass (a watch the pass did not take is not running and will not run in this
+    /// pass), with the lock released: from another thread, waits
     /// until an invocation of it that had already started returns, so that nothing of it
     /// runs once the caller returns. The loop thread never waits (the invocation is its own
     /// caller).
@@ -191,15 +197,15 @@ impl LoopHandle {
         F: FnMut(&LoopHandle, WatchId, RawFd, Events) + Send + 'static,
     {
         let ident = file_ident(fd)?;
-        let callback: Box<WatchFn> = Box::new(callback);
+        let cell: Box<WatchCell> = Box::new(WatchCell::new(callback));
         let id = {
             let mut state = self.shared.lock();
             if state.closed {
                 drop(state);
-                drop(callback);
+                drop(cell);
                 return Err(Error::Closed);
             }
-            state.add_watch(fd, ident, events, callback)
+            state.add_watch(fd, ident, events, cell)
         };
         self.shared.waker.changed();
         Ok(id)
@@ -242,7 +248,8 @@ impl LoopHandle {
             if state.closed {
                 return Err(Error::Closed);
             }
-            let Some(in_pass) = state.update_watch(id, events) else {
+            let pass = self.shared.pass.load(Ordering::Acquire);
+            let Some(in_pass) = state.update_watch(id, events, pass) else {
                 return Err(Error::UnknownWatch(id));
             };
             drop(state);
@@ -302,7 +309,8 @@ impl LoopHandle {
             if state.closed {
                 return Err(Error::Closed);
             }
-            let Some(in_pass) = state.remove_watch(id) else {
+            let pass = self.shared.pass.load(Ordering::Acquire);
+            let Some(in_pass) = state.remove_watch(id, pass) else {
                 return Err(Error::UnknownWatch(id));
             };
             drop(state);
@@ -463,38 +471,26 @@ pub struct LoopStats {
     pub backend_rebuilds: u64,
 }
 
-/// Holds the watch callbacks taken out of the table for one dispatch pass (under one lock)
-/// and returns them all under one lock when the pass ends, also when a callback panics, so
-/// every watch stays usable. (Removed entries stay in the table until the next purge, so
-/// nothing is dropped under the lock here.)
+/// The watches taken for one dispatch pass; ends the pass when dropped (normally after its
+/// last callback, or when a callback or anything after the taking panics), so that changers
+/// stop waiting for its callbacks and the next pass starts from an empty list.
 struct RunningWatches<'a> {
     shared: &'a Shared,
     taken: &'a mut Vec<Taken>,
-}
-
-impl RunningWatches<'_> {
-    /// Returns every callback to its watch, under the caller's lock.
-    fn put_back(&mut self, state: &mut State) {
-        for t in self.taken.drain(..) {
-            // Slots are freed only by purges, never during a pass; the id check is a guard.
-            if let Some(w) = state.watches.get_mut(t.slot).filter(|w| w.id == t.id) {
-                w.cb = Some(t.cb);
-            }
-        }
-    }
+    /// The pass's (odd) number.
+    pass: u64,
 }
 
 impl Drop for RunningWatches<'_> {
     fn drop(&mut self) {
-        // Only when a callback or a queued closure unwinds: the normal path puts them back
-        // with its purge.
         if self.taken.is_empty() {
             return;
         }
-        // The callback that panicked has returned (a second store of 0 is harmless).
+        // The last callback has returned (or unwound): waiting removers may go on.
         self.shared.set_running(0);
-        let mut state = self.shared.lock();
-        self.put_back(&mut state);
+        self.shared.pass.store(self.pass + 1, Ordering::Release);
+        // The cells may be freed by the next purge: no pointer to them may survive the pass.
+        self.taken.clear();
     }
 }
 
@@ -541,8 +537,10 @@ pub struct EventLoop<B: Backend> {
     backend: B,
     handle: LoopHandle,
     ready: Vec<Readiness>,
-    /// Callbacks out of the table during the dispatch pass (kept for its capacity).
+    /// The watches of the dispatch pass (empty between passes, kept for its capacity).
     taken: Vec<Taken>,
+    /// The number of the next dispatch pass (odd): a pass that takes no watch keeps it.
+    pass: u64,
     /// Closures taken from [`Shared::invokes`] that have not run yet: empty between
     /// iterations unless a closure panicked, in which case the rest run first in the next
     /// iteration.
@@ -595,6 +593,7 @@ impl<B: Backend> EventLoop<B> {
                     runner: AtomicU64::new(0),
                     invokes: Invokes::new(),
                     running: AtomicU64::new(0),
+                    pass: AtomicU64::new(0),
                     asymmetric: fence::asymmetric(),
                     waiters: AtomicUsize::new(0),
                     wait_lock: Mutex::new(()),
@@ -606,6 +605,7 @@ impl<B: Backend> EventLoop<B> {
             },
             ready: Vec::with_capacity(256),
             taken: Vec::with_capacity(256),
+            pass: 1,
             invoked: Batch::default(),
             due: Vec::new(),
             due_next: 0,
@@ -741,15 +741,12 @@ impl<B: Backend> EventLoop<B> {
             // panicked pass waits to be restored: the table needs no visit.
             seq == seen && self.due_next == self.due.len()
         });
-        let mut timeout = match clean {
+        // When the wait must end, and whether every fd's interest reached the backend.
+        let (wake, synced) = match clean {
             Some((_, wake)) => {
                 self.due.clear();
                 self.due_next = 0;
-                match wake {
-                    Wake::Never => None,
-                    Wake::Now => Some(Duration::ZERO),
-                    Wake::At(deadline) => Some(deadline.saturating_duration_since(shared.now())),
-                }
+                (wake, true)
             }
             None => {
                 let mut state = shared.lock();
@@ -761,8 +758,13 @@ impl<B: Backend> EventLoop<B> {
                 self.due_next = 0;
                 state.purge(&mut garbage);
                 state.sync(&mut self.backend)?;
-                state.timeout(|| shared.now())
+                (state.next_wake(), state.is_synced())
             }
+        };
+        let mut timeout = match wake {
+            Wake::Never => None,
+            Wake::Now => Some(Duration::ZERO),
+            Wake::At(deadline) => Some(deadline.saturating_duration_since(shared.now())),
         };
         if shared.quit.load(Ordering::SeqCst) {
             timeout = Some(Duration::ZERO);
@@ -795,36 +797,49 @@ impl<B: Backend> EventLoop<B> {
         waited?;
         self.iterations += 1;
 
-        // One lock for everything dispatch needs from the table: the due timers and the
-        // callbacks of the ready watches, taken out in one pass over the reports. Whether a
-        // watch was removed or paused since is read from its flags, without the lock, just
-        // before it runs; the callbacks go back in one batch when the pass ends.
+        // One lock for everything dispatch needs from the table: the due timers and the ready
+        // watches, taken in one pass over the reports (their callbacks stay in their cells;
+        // the pass's number in a cell tells changers that the callback may be running).
+        // Whether a watch was removed or paused since is read from its cell, without the
+        // lock, just before it runs.
         let mut now = None;
-        // Returns the watch callbacks also when anything from here on panics (a callback, a
-        // queued closure, the backend while it is replaced); normally they go back with the
-        // purge below, under its lock.
-        let mut running = RunningWatches {
+        // Ends the pass also when anything from here on panics (a callback, a queued
+        // closure, the backend while it is replaced).
+        let running = RunningWatches {
             shared,
             taken: &mut self.taken,
+            pass: self.pass,
         };
+        // Whether this iteration must visit the table again at its end, whatever changed.
+        let mut revisit = !synced;
         {
             let mut state = shared.lock();
             let mut stale = false;
+            let pass = running.pass;
             for r in &self.ready {
                 if r.token == Token::WAKER {
                     shared.waker.drain();
                 } else {
-                    stale |= !state.take_ready(r.token, r.events, running.taken);
+                    stale |= !state.take_ready(r.token, r.events, pass, running.taken);
                 }
             }
             // A registration the backend refused is that fd's error, reported to its watches
             // (a token gone since then has nobody left to tell).
-            for token in std::mem::take(&mut state.failed) {
-                state.take_ready(token, Events::ERROR, running.taken);
+            if !state.failed.is_empty() {
+                revisit = true;
+                for token in std::mem::take(&mut state.failed) {
+                    state.take_ready(token, Events::ERROR, pass, running.taken);
+                }
+            }
+            if !running.taken.is_empty() {
+                // Changers learn under this lock that the taken watches may be running.
+                shared.pass.store(pass, Ordering::Relaxed);
+                self.pass = pass + 2;
             }
             if stale {
                 // Without a fresh instance (out of fds, say) the loop goes on with this one:
                 // the stale reports are dropped as they come, and the next one tries again.
+                revisit = true;
                 drop(state);
                 let _ = replace_backend(&mut self.backend, shared, &mut self.rebuilds);
                 state = shared.lock();
@@ -863,15 +878,14 @@ impl<B: Backend> EventLoop<B> {
             }
         }
 
-        for t in running.taken.iter_mut() {
+        for t in running.taken.iter() {
             // The previous callback has returned; this one may start (a remover from another
             // thread either sees it running or this load sees the removal).
             shared.set_running(t.id.0);
-            // SAFETY: the pointer came from the watch's `Arc`, which stays in the table (and
-            // is never replaced) until a purge; purges run on this thread only, before and
-            // after the pass, never inside it (callbacks reach the table only through the
-            // handle, which never purges), and `clear` needs the loop itself.
-            let flags = unsafe { (*t.flags).load(Ordering::Acquire) };
+            // SAFETY: the cell is alive: cells are freed only by purges, which run on this
+            // thread before and after the pass, never inside it (callbacks reach the table
+            // only through the handle, which never purges, and `clear` needs the loop).
+            let flags = unsafe { t.cell.flags() }.load(Ordering::Acquire);
             if flags & REMOVED != 0 {
                 continue;
             }
@@ -885,14 +899,13 @@ impl<B: Backend> EventLoop<B> {
             }
             count += 1;
             self.dispatched += 1;
-            (t.cb)(&self.handle, t.id, t.fd, deliver);
+            // SAFETY: alive as above; this is the loop thread inside its pass, and no other
+            // borrow of the callback exists (the previous one's call has returned).
+            let cb = unsafe { t.cell.callback() };
+            cb(&self.handle, t.id, t.fd, deliver);
         }
-        // The last watch callback has returned: waiting removers may go on. The callbacks
-        // themselves go back into the table with the purge below (the table never needs
-        // them before: only dispatch runs them).
-        if !running.taken.is_empty() {
-            shared.set_running(0);
-        }
+        // The last watch callback has returned: waiting removers may go on.
+        drop(running);
 
         // Closures queued before this phase began run in it; those they queue wait for the
         // next iteration.
@@ -904,10 +917,15 @@ impl<B: Backend> EventLoop<B> {
             f.run(&self.handle);
         }
 
+        if !revisit && self.due.is_empty() && shared.waker.seq() == seen {
+            // Nothing changed since this iteration read the table, and it was synced then:
+            // nothing to purge or sync, and the wake-up deadline stands.
+            self.clean = Some((seen, wake));
+            return Ok(count);
+        }
         let mut garbage = Garbage::default();
         {
             let mut state = shared.lock();
-            running.put_back(&mut state);
             state.purge(&mut garbage);
             // Apply this iteration's removals and changes now rather than at the next
             // iteration: a backend whose pending polls hold file references (io_uring) then

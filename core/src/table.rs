@@ -6,11 +6,12 @@ use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
 use std::os::fd::RawFd;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering::SeqCst};
-use std::time::{Duration, Instant};
+use std::ptr::{self, NonNull};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed, Ordering::SeqCst};
+use std::time::Instant;
 
 use slab::Slab;
+use smallvec::SmallVec;
 
 use crate::ids::IdMap;
 use crate::timers::Timers;
@@ -53,50 +54,153 @@ pub(crate) struct FileIdent {
     pub(crate) provable: bool,
 }
 
+/// A watch's callback and what the dispatch pass reads without the lock, in one allocation:
+/// the loop touches one cache line per ready watch beyond its fd's entry.
+///
+/// The cell stays in place from the watch's addition until the purge after its removal (on
+/// the loop thread, never during a dispatch pass); only the loop thread reaches `cb`, and
+/// other threads reach only the two atomics, through [`CellRef`]'s field projections, never
+/// through a reference to the whole cell.
+pub(crate) struct WatchCell<F: ?Sized = WatchFn> {
+    /// The watch's events, or [`REMOVED`]: written under the lock by every change, read by
+    /// the dispatch pass with one atomic load just before the callback would run.
+    flags: AtomicU32,
+    /// The number of the dispatch pass that took the watch (odd), or 0: written by the loop
+    /// under the lock, read by changers under the lock (see [`State::in_pass`]).
+    pass: AtomicU64,
+    cb: F,
+}
+
+impl<F> WatchCell<F> {
+    /// A cell for a callback, with no events yet (the table sets them when it adds it).
+    pub(crate) fn new(cb: F) -> Self {
+        WatchCell {
+            flags: AtomicU32::new(0),
+            pass: AtomicU64::new(0),
+            cb,
+        }
+    }
+}
+
+/// A watch's cell, owned by its entry in [`State::watches`] (and then by [`Garbage`]); frees
+/// the cell and drops the callback's state when dropped.
+pub(crate) struct OwnedCell(NonNull<WatchCell>);
+
+// SAFETY: the cell is owned uniquely; the callback is `Send`, the atomics may be reached from
+// any thread.
+unsafe impl Send for OwnedCell {}
+
+impl OwnedCell {
+    fn new(cell: Box<WatchCell>) -> Self {
+        OwnedCell(NonNull::from(Box::leak(cell)))
+    }
+
+    fn share(&self) -> CellRef {
+        CellRef(self.0)
+    }
+
+    fn flags(&self) -> &AtomicU32 {
+        // SAFETY: the cell lives as long as its owner; only the atomic field is borrowed.
+        unsafe { self.share().flags() }
+    }
+
+    fn pass(&self) -> &AtomicU64 {
+        // SAFETY: as in `flags`.
+        unsafe { self.share().pass() }
+    }
+}
+
+impl Drop for OwnedCell {
+    fn drop(&mut self) {
+        // SAFETY: the pointer came from `Box::leak` and is dropped once, by its one owner;
+        // every `CellRef` to it is gone (the watch left its fd's list when it was removed, and
+        // dispatch passes clear their `Taken` lists before any purge).
+        drop(unsafe { Box::from_raw(self.0.as_ptr()) });
+    }
+}
+
+/// A borrowed pointer to a live watch's cell: on its fd's list, and in the dispatch pass's
+/// [`Taken`] list.
+#[derive(Clone, Copy)]
+pub(crate) struct CellRef(NonNull<WatchCell>);
+
+// SAFETY: only the atomics are reached through a `CellRef` from other threads; the callback
+// only by the loop thread (see `callback`).
+unsafe impl Send for CellRef {}
+
+impl CellRef {
+    /// # Safety
+    ///
+    /// The cell must still be alive (not purged).
+    pub(crate) unsafe fn flags<'a>(self) -> &'a AtomicU32 {
+        // SAFETY: alive per the caller; the projection borrows the atomic field alone.
+        unsafe { &*ptr::addr_of!((*self.0.as_ptr()).flags) }
+    }
+
+    /// # Safety
+    ///
+    /// As [`flags`](CellRef::flags).
+    unsafe fn pass<'a>(self) -> &'a AtomicU64 {
+        // SAFETY: as in `flags`.
+        unsafe { &*ptr::addr_of!((*self.0.as_ptr()).pass) }
+    }
+
+    /// The callback, for the dispatch pass.
+    ///
+    /// # Safety
+    ///
+    /// The cell must be alive, and the caller must be the loop thread inside its dispatch
+    /// pass, with no other borrow of this callback (callbacks cannot run the loop, so a
+    /// callback is never called from inside itself).
+    pub(crate) unsafe fn callback<'a>(self) -> &'a mut WatchFn {
+        // SAFETY: alive per the caller; only the loop thread borrows `cb`, one call at a
+        // time, and other threads never borrow the field (only the atomics beside it).
+        unsafe { &mut *ptr::addr_of_mut!((*self.0.as_ptr()).cb) }
+    }
+}
+
 pub(crate) struct Watch {
-    pub(crate) id: WatchId,
-    pub(crate) fd: RawFd,
     fd_slot: usize,
     /// Left behind by a file that was closed while watched: its number now names another
     /// file, so the watch is out of its fd's fan-out (silent) until it is removed.
     detached: bool,
     pub(crate) events: Events,
     pub(crate) removed: bool,
-    /// `events` and `removed` for the dispatch pass, which reads them without the lock:
-    /// written under the lock by every change, read with one atomic load per dispatch.
-    pub(crate) flags: Arc<AtomicU32>,
-    /// `None` only while the callback runs.
-    pub(crate) cb: Option<Box<WatchFn>>,
+    cell: OwnedCell,
 }
 
-/// A watch taken out of the table for one dispatch pass.
+/// A watch on its fd's list: what dispatch needs, without a visit to [`State::watches`].
+#[derive(Clone, Copy)]
+struct WatchRef {
+    id: WatchId,
+    slot: usize,
+    cell: CellRef,
+}
+
+/// A ready watch, taken for one dispatch pass (its callback stays in its cell).
 pub(crate) struct Taken {
     pub(crate) id: WatchId,
-    pub(crate) slot: usize,
     pub(crate) fd: RawFd,
     pub(crate) ready: Events,
-    /// The watch's [`Watch::flags`], borrowed for the pass.
-    pub(crate) flags: *const AtomicU32,
-    pub(crate) cb: Box<WatchFn>,
+    pub(crate) cell: CellRef,
 }
 
-// SAFETY: `flags` is only dereferenced during the pass that created it, on the thread that
-// runs the pass; between passes the list of `Taken` is empty, so moving the loop to another
-// thread moves no live pointer. The callback is `Send` itself.
-unsafe impl Send for Taken {}
-
-/// The bit of [`Watch::flags`] that says the watch was removed (the low bits are its events).
+/// The bit of a watch's flags that says the watch was removed (the low bits are its events).
 pub(crate) const REMOVED: u32 = 1 << 31;
 
 /// One kernel registration, shared by every watch on the same fd number.
+///
+/// The fields dispatch reads come first (`repr(C)`), so that the token check and the first
+/// watch share a cache line.
+#[repr(C)]
 struct FdEntry {
+    token: Token,
+    /// Live (not removed) watches, ascending id order; one fits in the entry itself.
+    watches: SmallVec<[WatchRef; 1]>,
     fd: RawFd,
     ident: FileIdent,
-    /// Live (not removed) watches as `(id, slot in State::watches)`, ascending id order.
-    watches: Vec<(WatchId, usize)>,
     /// The interest the backend has now; `None` when not registered.
     kernel: Option<Events>,
-    token: Token,
     dirty: bool,
     /// A different file now has this number: re-register from scratch with a new token.
     reopened: bool,
@@ -105,7 +209,7 @@ struct FdEntry {
 /// Callback state to drop outside the lock.
 #[derive(Default)]
 pub(crate) struct Garbage {
-    watches: Vec<Box<WatchFn>>,
+    watches: Vec<OwnedCell>,
     timers: Vec<Box<TimerFn>>,
 }
 
@@ -173,7 +277,7 @@ impl State {
         fd: RawFd,
         ident: FileIdent,
         events: Events,
-        cb: Box<WatchFn>,
+        cell: Box<WatchCell>,
     ) -> WatchId {
         self.next_watch += 1;
         let id = WatchId(self.next_watch);
@@ -194,8 +298,8 @@ impl State {
                     if other_file {
                         // Watches still here belong to the closed file: they must never
                         // receive the new file's events.
-                        for (_, stale) in std::mem::take(&mut entry.watches) {
-                            self.watches[stale].detached = true;
+                        for stale in std::mem::take(&mut entry.watches) {
+                            self.watches[stale.slot].detached = true;
                         }
                     }
                     self.mark_dirty(slot);
@@ -209,7 +313,7 @@ impl State {
                 entry.insert(FdEntry {
                     fd,
                     ident,
-                    watches: Vec::new(),
+                    watches: SmallVec::new(),
                     kernel: None,
                     token: Token::new(slot, generation),
                     dirty: false,
@@ -221,37 +325,49 @@ impl State {
                 slot
             }
         };
+        cell.flags.store(events.bits(), Relaxed);
+        let cell = OwnedCell::new(cell);
+        let shared = cell.share();
         let watch_slot = self.watches.insert(Watch {
-            id,
-            fd,
             fd_slot: slot,
             detached: false,
             events,
             removed: false,
-            flags: Arc::new(AtomicU32::new(events.bits())),
-            cb: Some(cb),
+            cell,
         });
         self.watch_ids.insert(id.0, watch_slot);
-        self.fds[slot].watches.push((id, watch_slot));
+        self.fds[slot].watches.push(WatchRef {
+            id,
+            slot: watch_slot,
+            cell: shared,
+        });
         if !events.is_empty() {
             self.mark_dirty(slot);
         }
         id
     }
 
-    /// Returns false for an unknown or removed id.
-    /// Returns `None` for an unknown or removed id, else whether the watch's callback is out
-    /// of the table for the dispatch pass running now (only then can it be running, or about
-    /// to run, on the loop thread).
-    pub(crate) fn update_watch(&mut self, id: WatchId, events: Events) -> Option<bool> {
+    /// Whether the watch with this cell was taken by the dispatch pass that is running now:
+    /// only then can its callback be running, or about to run, on the loop thread. `pass` is
+    /// the loop's [`pass`](crate::event_loop) counter, read under the lock: odd while a pass
+    /// runs. (The loop writes the cell's mark and an odd count under the lock; the even count
+    /// that ends the pass needs no lock: a changer that still reads the odd one only checks
+    /// more than it needs to.)
+    fn in_pass(cell: &OwnedCell, pass: u64) -> bool {
+        pass & 1 == 1 && cell.pass().load(Relaxed) == pass
+    }
+
+    /// Returns `None` for an unknown or removed id, else whether the watch was taken by the
+    /// dispatch pass running now (see [`in_pass`](State::in_pass)).
+    pub(crate) fn update_watch(&mut self, id: WatchId, events: Events, pass: u64) -> Option<bool> {
         let watch = self
             .watch_ids
             .get(id.0)
             .map(|slot| &mut self.watches[slot])?;
-        let taken = watch.cb.is_none();
+        let taken = Self::in_pass(&watch.cell, pass);
         if watch.events != events {
             watch.events = events;
-            watch.flags.store(events.bits(), SeqCst);
+            watch.cell.flags().store(events.bits(), SeqCst);
             if !watch.detached {
                 let slot = watch.fd_slot;
                 self.mark_dirty(slot);
@@ -261,15 +377,15 @@ impl State {
     }
 
     /// As [`update_watch`](State::update_watch).
-    pub(crate) fn remove_watch(&mut self, id: WatchId) -> Option<bool> {
+    pub(crate) fn remove_watch(&mut self, id: WatchId, pass: u64) -> Option<bool> {
         let watch_slot = self.watch_ids.remove(id.0)?;
         let watch = &mut self.watches[watch_slot];
         watch.removed = true;
-        watch.flags.store(REMOVED, SeqCst);
-        let taken = watch.cb.is_none();
+        watch.cell.flags().store(REMOVED, SeqCst);
+        let taken = Self::in_pass(&watch.cell, pass);
         if !watch.detached {
             let slot = watch.fd_slot;
-            self.fds[slot].watches.retain(|w| w.0 != id);
+            self.fds[slot].watches.retain(|w| w.id != id);
             self.mark_dirty(slot);
         }
         self.removed_watches.push(watch_slot);
@@ -280,7 +396,7 @@ impl State {
     /// caller once the lock is released.
     pub(crate) fn purge(&mut self, garbage: &mut Garbage) {
         for slot in self.removed_watches.drain(..) {
-            garbage.watches.extend(self.watches.remove(slot).cb);
+            garbage.watches.push(self.watches.remove(slot).cell);
         }
         self.timers.purge(&mut garbage.timers);
     }
@@ -288,9 +404,7 @@ impl State {
     /// Everything, for the loop's drop.
     pub(crate) fn clear(&mut self, garbage: &mut Garbage) {
         self.closed = true;
-        garbage
-            .watches
-            .extend(self.watches.drain().filter_map(|w| w.cb));
+        garbage.watches.extend(self.watches.drain().map(|w| w.cell));
         self.watch_ids.clear();
         self.removed_watches.clear();
         self.timers.clear(&mut garbage.timers);
@@ -315,8 +429,8 @@ impl State {
             entry.dirty = false;
             let fd = entry.fd;
             let mut want: Option<Events> = None;
-            for &(_, watch_slot) in &entry.watches {
-                let events = self.watches[watch_slot].events;
+            for w in &entry.watches {
+                let events = self.watches[w.slot].events;
                 if !events.is_empty() {
                     *want.get_or_insert(Events::empty()) |= events & Events::INTEREST;
                 }
@@ -389,17 +503,6 @@ impl State {
         }
     }
 
-    /// The timeout until the earliest periodic deadline; `Some(ZERO)` when an every-iteration
-    /// timer exists or a failed registration has an `ERROR` to deliver;
-    /// `None` when nothing is scheduled.
-    pub(crate) fn timeout(&mut self, now: impl FnOnce() -> Instant) -> Option<Duration> {
-        match self.next_wake() {
-            Wake::Never => None,
-            Wake::Now => Some(Duration::ZERO),
-            Wake::At(deadline) => Some(deadline.saturating_duration_since(now())),
-        }
-    }
-
     /// When the loop must wake up at the latest, whatever is ready.
     pub(crate) fn next_wake(&mut self) -> Wake {
         if self.timers.has_every() || !self.failed.is_empty() {
@@ -416,41 +519,36 @@ impl State {
         self.dirty.is_empty()
     }
 
-    /// Takes the callbacks of the watches on the fd behind `token` out of the table for the
-    /// dispatch pass, each with `events`; a watch already taken in this pass (its token was
-    /// reported twice, or a refused registration's `ERROR` came beside a report) gets
-    /// `events` added instead, so that it runs once. Returns false when no fd has `token`.
+    /// Takes the watches on the fd behind `token` for dispatch pass `pass` (odd), each with
+    /// `events`; a watch already taken in this pass (its token was reported twice, or a
+    /// refused registration's `ERROR` came beside a report) gets `events` added instead, so
+    /// that it runs once. Returns false when no fd has `token`.
     pub(crate) fn take_ready(
         &mut self,
         token: Token,
         events: Events,
+        pass: u64,
         out: &mut Vec<Taken>,
     ) -> bool {
         let Some(entry) = self.fds.get(token.slot()).filter(|e| e.token == token) else {
             return false;
         };
-        for &(id, slot) in &entry.watches {
-            let Some(w) = self
-                .watches
-                .get_mut(slot)
-                .filter(|w| w.id == id && !w.removed)
-            else {
-                continue;
-            };
-            match w.cb.take() {
-                Some(cb) => out.push(Taken {
-                    id,
-                    slot,
-                    fd: w.fd,
-                    ready: events,
-                    flags: Arc::as_ptr(&w.flags),
-                    cb,
-                }),
-                None => {
-                    if let Some(t) = out.iter_mut().rev().find(|t| t.id == id) {
-                        t.ready |= events;
-                    }
+        for w in &entry.watches {
+            // SAFETY: a cell on its fd's list is alive: the watch leaves the list when it is
+            // removed, before a later purge frees the cell.
+            let mark = unsafe { w.cell.pass() };
+            if mark.load(Relaxed) == pass {
+                if let Some(t) = out.iter_mut().rev().find(|t| t.id == w.id) {
+                    t.ready |= events;
                 }
+            } else {
+                mark.store(pass, Relaxed);
+                out.push(Taken {
+                    id: w.id,
+                    fd: entry.fd,
+                    ready: events,
+                    cell: w.cell,
+                });
             }
         }
         true
