@@ -147,12 +147,13 @@ impl Backend for Poll {
             self.rebuild();
         }
         let timeout = timeout.map(timespec);
-        match rustix::event::poll(&mut self.fds, timeout.as_ref()) {
+        // The number of entries with events: the scan stops at the last of them.
+        let mut left = match rustix::event::poll(&mut self.fds, timeout.as_ref()) {
             Ok(0) => return Ok(()),
-            Ok(_) => {}
+            Ok(n) => n,
             Err(rustix::io::Errno::INTR) => return Ok(()),
             Err(e) => return Err(e.into()),
-        }
+        };
         for (pfd, &i) in self.fds.iter().zip(&self.order) {
             let revents = pfd.revents();
             if revents.is_empty() {
@@ -161,26 +162,30 @@ impl Backend for Poll {
             if revents.contains(PollFlags::NVAL) {
                 self.entries[i].silenced = true;
                 self.dirty = true;
-                continue;
+            } else {
+                let mut events = Events::empty();
+                if revents.intersects(PollFlags::IN) {
+                    events |= Events::READABLE;
+                }
+                if revents.intersects(PollFlags::OUT) {
+                    events |= Events::WRITABLE;
+                }
+                if revents.contains(PollFlags::ERR) {
+                    events |= Events::ERROR;
+                }
+                if revents.contains(PollFlags::HUP) {
+                    events |= Events::HANGUP;
+                }
+                if !events.is_empty() {
+                    ready.push(Readiness {
+                        token: self.entries[i].token,
+                        events,
+                    });
+                }
             }
-            let mut events = Events::empty();
-            if revents.intersects(PollFlags::IN) {
-                events |= Events::READABLE;
-            }
-            if revents.intersects(PollFlags::OUT) {
-                events |= Events::WRITABLE;
-            }
-            if revents.contains(PollFlags::ERR) {
-                events |= Events::ERROR;
-            }
-            if revents.contains(PollFlags::HUP) {
-                events |= Events::HANGUP;
-            }
-            if !events.is_empty() {
-                ready.push(Readiness {
-                    token: self.entries[i].token,
-                    events,
-                });
+            left -= 1;
+            if left == 0 {
+                break;
             }
         }
         Ok(())
