@@ -19,10 +19,11 @@
 //!   loop moves to another thread the backend builds a new ring there and re-arms every fd.
 //! - `IORING_FEAT_NODROP` is required, so a full completion queue loses nothing.
 //!
-//! What to expect: for readiness alone io_uring does about the same work as level-triggered
-//! epoll (one completion plus one re-arm per event, where epoll re-arms nothing), so it is
-//! expected to match epoll, not beat it; vireo's benchmarks have not measured this yet. Its gain is batching: every interest change, re-arm and the wait
-//! cost one system call together.
+//! What to expect: for readiness alone io_uring does more work than level-triggered epoll
+//! (one completion plus one re-arm per event, where epoll re-arms nothing), so it does not beat
+//! it: in `vireo-bench pipes` (BENCHMARKS.md) this backend trails the epoll one, most with one
+//! ready fd per iteration and least with many ready at once. Its gain is batching: every
+//! interest change, re-arm and the wait cost one system call together.
 
 mod probe;
 
