@@ -28,6 +28,8 @@
 #![deny(missing_docs)]
 
 mod any;
+#[cfg(any(feature = "poll", feature = "portable"))]
+mod pollflags;
 mod timeout;
 #[cfg(any(feature = "epoll", feature = "portable"))]
 mod unpollable;

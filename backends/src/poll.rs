@@ -12,6 +12,7 @@ use std::time::Duration;
 use rustix::event::{PollFd, PollFlags};
 use vireo_core::{Backend, Events, Readiness, Token};
 
+use crate::pollflags::{events_of, poll_flags};
 use crate::timeout::timespec;
 
 struct Entry {
@@ -50,17 +51,6 @@ impl std::fmt::Debug for Poll {
             .field("registered", &self.entries.len())
             .finish_non_exhaustive()
     }
-}
-
-fn poll_flags(interest: Events) -> PollFlags {
-    let mut flags = PollFlags::empty();
-    if interest.contains(Events::READABLE) {
-        flags |= PollFlags::IN;
-    }
-    if interest.contains(Events::WRITABLE) {
-        flags |= PollFlags::OUT;
-    }
-    flags
 }
 
 fn not_registered() -> io::Error {
@@ -163,19 +153,7 @@ impl Backend for Poll {
                 self.entries[i].silenced = true;
                 self.dirty = true;
             } else {
-                let mut events = Events::empty();
-                if revents.intersects(PollFlags::IN) {
-                    events |= Events::READABLE;
-                }
-                if revents.intersects(PollFlags::OUT) {
-                    events |= Events::WRITABLE;
-                }
-                if revents.contains(PollFlags::ERR) {
-                    events |= Events::ERROR;
-                }
-                if revents.contains(PollFlags::HUP) {
-                    events |= Events::HANGUP;
-                }
+                let events = events_of(revents);
                 if !events.is_empty() {
                     ready.push(Readiness {
                         token: self.entries[i].token,
@@ -189,5 +167,43 @@ impl Backend for Poll {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+
+    use super::*;
+
+    /// The scan stops after the entries poll(2) counted: a ready fd behind a closed one
+    /// (`POLLNVAL`, counted too) and behind idle ones is still reported, and so is the last
+    /// entry of the array.
+    #[test]
+    fn ready_entries_behind_closed_and_idle_ones_are_reported() {
+        let mut poll = Poll::new().unwrap();
+        // A number no test opens: poll(2) answers POLLNVAL for it.
+        let closed: RawFd = 1 << 30;
+        poll.register(closed, Token(100), Events::READABLE).unwrap();
+        let pairs: Vec<(UnixStream, UnixStream)> =
+            (0..6).map(|_| UnixStream::pair().unwrap()).collect();
+        for (i, (a, _)) in pairs.iter().enumerate() {
+            poll.register(a.as_raw_fd(), Token(i as u64), Events::READABLE)
+                .unwrap();
+        }
+        for i in [2, 5] {
+            rustix::io::write(&pairs[i].1, b"x").unwrap();
+        }
+        let mut ready = Vec::new();
+        poll.wait(&mut ready, Some(Duration::ZERO)).unwrap();
+        let mut tokens: Vec<u64> = ready.iter().map(|r| r.token.0).collect();
+        tokens.sort_unstable();
+        assert_eq!(tokens, [2, 5]);
+        assert!(ready.iter().all(|r| r.events == Events::READABLE));
+        // The closed entry is silenced: the next wait reports the same, without it.
+        ready.clear();
+        poll.wait(&mut ready, Some(Duration::ZERO)).unwrap();
+        assert_eq!(ready.len(), 2);
     }
 }

@@ -18,9 +18,10 @@ use std::os::fd::{BorrowedFd, RawFd};
 use std::time::Duration;
 
 use polling::{Event, PollMode, Poller};
-use rustix::event::{PollFd, PollFlags};
+use rustix::event::PollFd;
 use vireo_core::{Backend, BackendInfo, Events, Readiness, Token};
 
+use crate::pollflags::{events_of, poll_flags};
 use crate::unpollable::Unpollable;
 
 struct Source {
@@ -79,14 +80,7 @@ fn interest_event(key: usize, interest: Events) -> Event {
 
 /// The exact poll(2) view of one fd, for reports that carry a hangup or an error.
 fn exact_events(fd: RawFd, interest: Events) -> Events {
-    let mut flags = PollFlags::empty();
-    if interest.contains(Events::READABLE) {
-        flags |= PollFlags::IN;
-    }
-    if interest.contains(Events::WRITABLE) {
-        flags |= PollFlags::OUT;
-    }
-    let mut fds = [PollFd::from_borrowed_fd(borrow(fd), flags)];
+    let mut fds = [PollFd::from_borrowed_fd(borrow(fd), poll_flags(interest))];
     let zero = rustix::time::Timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -94,21 +88,7 @@ fn exact_events(fd: RawFd, interest: Events) -> Events {
     if !matches!(rustix::event::poll(&mut fds, Some(&zero)), Ok(1..)) {
         return Events::empty();
     }
-    let revents = fds[0].revents();
-    let mut events = Events::empty();
-    if revents.contains(PollFlags::IN) {
-        events |= Events::READABLE;
-    }
-    if revents.contains(PollFlags::OUT) {
-        events |= Events::WRITABLE;
-    }
-    if revents.contains(PollFlags::ERR) {
-        events |= Events::ERROR;
-    }
-    if revents.contains(PollFlags::HUP) {
-        events |= Events::HANGUP;
-    }
-    events
+    events_of(fds[0].revents())
 }
 
 impl Backend for Portable {
