@@ -20,10 +20,11 @@
 //! - `IORING_FEAT_NODROP` is required, so a full completion queue loses nothing.
 //!
 //! What to expect: for readiness alone io_uring does more work than level-triggered epoll
-//! (one completion plus one re-arm per event, where epoll re-arms nothing), so it does not beat
-//! it: in `vireo-bench pipes` (BENCHMARKS.md) this backend trails the epoll one, most with one
-//! ready fd per iteration and least with many ready at once. Its gain is batching: every
-//! interest change, re-arm and the wait cost one system call together.
+//! (one completion plus one re-arm per event, where epoll re-arms nothing), so it is not
+//! expected to beat it: in `vireo-bench pipes` (BENCHMARKS.md) this backend has trailed the
+//! epoll one by 20-50% with one ready fd per iteration, and by up to 15% with 100 ready at
+//! once. Its gain is batching: every interest change, re-arm and the wait cost one system call
+//! together.
 
 mod probe;
 
