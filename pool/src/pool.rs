@@ -782,7 +782,8 @@ impl Pool {
     fn ensure_a_worker_fenced(&self) {
         let s = &self.shared;
         // Pairs with the fence in `Shared::count_worker`: a retiring worker lowers the count and
-        // then reads the queues; the submitter queued, fenced, and now reads the count.
+        // then reads the queues; the submitter queued (a SeqCst push or a fence, see
+        // `push_normal`) and now reads the count.
         if s.workers.load(SeqCst) == 0 {
             self.grow(|control| control.workers == 0);
         }
@@ -810,12 +811,23 @@ impl Pool {
         } else {
             Some(job)
         };
-        if let Some(job) = job {
-            s.injector.push(job);
-        }
         // One fence after the job is visible serves both checks that follow: a sleepy worker
         // to wake, and a pool whose last worker just retired.
-        std::sync::atomic::fence(SeqCst);
+        if let Some(job) = job {
+            s.injector.push(job);
+            // The push was that fence: `Injector::push` claims its slot with a SeqCst
+            // read-modify-write of the queue's tail, and the two checks read with SeqCst. The
+            // other side of each pair (a worker announcing sleep, a worker retiring) writes,
+            // makes a SeqCst fence and then reads that tail. So if a check misses the worker's
+            // write, the check came first in the single SeqCst order, the push before it, and
+            // the worker's read after its fence sees the push. A fence of our own here waited,
+            // on every submit, for the job's store to reach a cache line that workers were
+            // reading: with workers keeping up with one submitter, most of a submit's cost.
+            std::sync::atomic::compiler_fence(SeqCst);
+        } else {
+            // A worker's own deque publishes with a release store: fence for real.
+            std::sync::atomic::fence(SeqCst);
+        }
         s.sleep.publish_fenced();
         self.ensure_a_worker_fenced();
     }

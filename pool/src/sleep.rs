@@ -24,14 +24,16 @@
 //!
 //! A submitter pushes its job, issues a SeqCst fence and reads `sleepy`: when it is zero it is
 //! done, having written nothing shared (the fences pair up: either the submitter sees the worker
-//! sleepy, or the worker's second search sees the job). Otherwise it bumps `jobs` and reads
+//! sleepy, or the worker's second search sees the job). A submit to the shared queue needs no
+//! fence of its own: the queue's push is a SeqCst read-modify-write of the index that the
+//! worker's search reads after its fence, which pairs the same way (see `Pool::push_normal`). Otherwise it bumps `jobs` and reads
 //! `sleeping`: only if that is non-zero does it take the mutex, move one sleeper from `sleeping`
 //! to a count of notifications sent (kept under the mutex), and notify. A woken worker takes one
 //! notification; a spurious wake-up finds none and waits again. Because the waker, not the woken
 //! worker, takes the sleeper off `sleeping`, the submits that follow in the microseconds before
 //! the woken worker runs see no sleeper and make no system call (std's `notify_one` always
-//! makes one). When all workers are busy the fence and one read are the whole cost: no lock,
-//! no system call.
+//! makes one). When all workers are busy one read (and, for a job pushed by a worker onto its
+//! own deque, the fence) is the whole cost: no lock, no system call.
 //!
 //! Why nothing is lost: the worker's `sleeping` increment and its re-read of `jobs`, and the
 //! submitter's `jobs` bump and its read of `sleeping`, are SeqCst in opposite orders (a Dekker
@@ -46,11 +48,11 @@
 //! a submitter and workers through this module and fail on a lost wake-up (a deadlock).
 
 #[cfg(loom)]
-use loom::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst, fence};
+use loom::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst, fence};
 #[cfg(loom)]
 use loom::sync::{Condvar, Mutex};
 #[cfg(not(loom))]
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed, Ordering::SeqCst, fence};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst, fence};
 #[cfg(not(loom))]
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
@@ -164,11 +166,14 @@ impl Sleep {
     }
 
     /// [`publish`](Sleep::publish) for a submitter that made a `SeqCst` fence after its job
-    /// became visible (one fence serving several checks).
+    /// became visible, or made it visible with a `SeqCst` read-modify-write of the queue index
+    /// that a searching worker reads after its own fence (one fence serving several checks).
     pub(crate) fn publish_fenced(&self) -> bool {
         // The fast path writes nothing shared: with no worker sleepy, any worker that becomes
-        // sleepy later searches again after its announcement and finds the job.
-        if self.sleepy.load(Relaxed) == 0 {
+        // sleepy later searches again after its announcement and finds the job. SeqCst: when
+        // the job was published by a SeqCst read-modify-write rather than a fence, this read
+        // and the worker's increment must both be in the single SeqCst order.
+        if self.sleepy.load(SeqCst) == 0 {
             return false;
         }
         self.jobs.fetch_add(1, SeqCst);

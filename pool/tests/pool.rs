@@ -724,6 +724,46 @@ fn idle_retirement_never_strands_a_job() {
 }
 
 #[test]
+fn a_submit_racing_the_worker_on_its_way_to_sleep_always_wakes_it() {
+    // An idle worker spins, then yields, then announces that it will sleep and searches once
+    // more; the submitter's side of that handshake has no fence of its own (the announcing
+    // worker pays for both). Gaps from none to a few hundred microseconds land the submits at
+    // every step of that path; each job is awaited before the next submit, so a lost wake-up
+    // strands it. One worker: with a second one asleep, every submit would wake that one.
+    let pool = Pool::builder()
+        .min_workers(1)
+        .max_workers(1)
+        .build()
+        .unwrap();
+    let (ran, seen) = mpsc::channel();
+    for i in 0..20_000u64 {
+        // Spread at nanosecond steps over the worker's few microseconds of spinning and
+        // yielding (and, every fourth round, well past them): the window between its last
+        // search and its announcement is well under a microsecond wide.
+        let span = match i % 4 {
+            0 => 10_000,
+            1 | 2 => 40_000,
+            _ => 400_000,
+        };
+        let gap = Duration::from_nanos((i * 7_919) % span);
+        let start = Instant::now();
+        while start.elapsed() < gap {
+            std::hint::spin_loop();
+        }
+        let ran = ran.clone();
+        pool.submit(move || {
+            let _ = ran.send(i);
+        })
+        .unwrap();
+        assert_eq!(
+            seen.recv_timeout(PATIENCE),
+            Ok(i),
+            "job {i} was queued and no worker woke for it"
+        );
+    }
+}
+
+#[test]
 fn a_blocked_submit_wakes_when_room_appears_not_when_a_job_ends() {
     let pool = Arc::new(
         Pool::builder()
