@@ -823,7 +823,6 @@ impl Pool {
             // the worker's read after its fence sees the push. A fence of our own here waited,
             // on every submit, for the job's store to reach a cache line that workers were
             // reading: with workers keeping up with one submitter, most of a submit's cost.
-            std::sync::atomic::compiler_fence(SeqCst);
         } else {
             // A worker's own deque publishes with a release store: fence for real.
             std::sync::atomic::fence(SeqCst);

@@ -26,14 +26,15 @@
 //! done, having written nothing shared (the fences pair up: either the submitter sees the worker
 //! sleepy, or the worker's second search sees the job). A submit to the shared queue needs no
 //! fence of its own: the queue's push is a SeqCst read-modify-write of the index that the
-//! worker's search reads after its fence, which pairs the same way (see `Pool::push_normal`). Otherwise it bumps `jobs` and reads
-//! `sleeping`: only if that is non-zero does it take the mutex, move one sleeper from `sleeping`
-//! to a count of notifications sent (kept under the mutex), and notify. A woken worker takes one
-//! notification; a spurious wake-up finds none and waits again. Because the waker, not the woken
-//! worker, takes the sleeper off `sleeping`, the submits that follow in the microseconds before
-//! the woken worker runs see no sleeper and make no system call (std's `notify_one` always
-//! makes one). When all workers are busy one read (and, for a job pushed by a worker onto its
-//! own deque, the fence) is the whole cost: no lock, no system call.
+//! worker's search reads after its fence, which pairs the same way (see `Pool::push_normal`).
+//! Otherwise it bumps `jobs` and reads `sleeping`: only if that is non-zero does it take the
+//! mutex, move one sleeper from `sleeping` to a count of notifications sent (kept under the
+//! mutex), and notify. A woken worker takes one notification; a spurious wake-up finds none and
+//! waits again. Because the waker, not the woken worker, takes the sleeper off `sleeping`, the
+//! submits that follow in the microseconds before the woken worker runs see no sleeper and make
+//! no system call (std's `notify_one` always makes one). When all workers are busy one read
+//! (and, for a job a worker pushed onto its own deque, the fence) is the whole cost: no lock,
+//! no system call.
 //!
 //! Why nothing is lost: the worker's `sleeping` increment and its re-read of `jobs`, and the
 //! submitter's `jobs` bump and its read of `sleeping`, are SeqCst in opposite orders (a Dekker
