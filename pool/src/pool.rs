@@ -697,6 +697,8 @@ fn run_worker(shared: Arc<Shared>, kind: Kind, deque: Option<Worker<Job>>, slot:
             completed += u64::from(shared.run_job(job));
             continue;
         }
+        #[cfg(all(test, not(loom)))]
+        tests::before_announce(shared.id);
         let ticket = sleep.announce();
         let found = find(&shared);
         if found.is_some() {
@@ -1099,5 +1101,68 @@ impl Drop for Pool {
     /// own jobs, the pool drains without waiting).
     fn drop(&mut self) {
         self.drain();
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use std::sync::mpsc;
+
+    use super::*;
+
+    const PATIENCE: Duration = Duration::from_secs(10);
+
+    /// What a normal worker of one pool runs (once) after its last search and before it
+    /// announces that it will sleep: the window in which a submit finds no sleepy worker.
+    type Hook = (usize, Box<dyn FnOnce() + Send>);
+    static BEFORE_ANNOUNCE: Mutex<Option<Hook>> = Mutex::new(None);
+
+    pub(super) fn before_announce(pool: usize) {
+        let hook = {
+            let mut slot = lock(&BEFORE_ANNOUNCE);
+            match slot.take() {
+                Some((id, f)) if id == pool => Some(f),
+                other => {
+                    *slot = other;
+                    None
+                }
+            }
+        };
+        if let Some(f) = hook {
+            f();
+        }
+    }
+
+    #[test]
+    fn a_job_submitted_between_the_last_search_and_the_announcement_is_run() {
+        let pool = Pool::builder()
+            .min_workers(1)
+            .max_workers(1)
+            .build()
+            .unwrap();
+        let (paused_tx, paused) = mpsc::channel();
+        let (go, go_rx) = mpsc::channel::<()>();
+        *lock(&BEFORE_ANNOUNCE) = Some((
+            pool.shared.id,
+            Box::new(move || {
+                paused_tx.send(()).unwrap();
+                let _ = go_rx.recv_timeout(PATIENCE);
+            }),
+        ));
+        // The idle worker searched, spun and stopped right before announcing.
+        paused.recv_timeout(PATIENCE).unwrap();
+        let (ran_tx, ran) = mpsc::channel();
+        pool.submit(move || {
+            let _ = ran_tx.send(());
+        })
+        .unwrap();
+        // The submit saw no sleepy worker and woke nobody: the worker's search after its
+        // announcement must find the job.
+        assert_eq!(pool.shared.sleep.sleeping(), 0);
+        go.send(()).unwrap();
+        assert!(
+            ran.recv_timeout(PATIENCE).is_ok(),
+            "the job waited with its only worker asleep"
+        );
     }
 }
