@@ -578,6 +578,10 @@ impl Shared {
         if !self.must_exit(&control, kind, idle_timed_out) {
             return false;
         }
+        #[cfg(all(test, not(loom)))]
+        if idle_timed_out {
+            tests::hook(tests::Point::BeforeIdleRetirement, self.id);
+        }
         self.count_worker(&mut control, kind, -1);
         if idle_timed_out && control.mode == Mode::Running && !self.nothing_queued() {
             // A job arrived while this worker timed out. The count went down first and the
@@ -698,7 +702,7 @@ fn run_worker(shared: Arc<Shared>, kind: Kind, deque: Option<Worker<Job>>, slot:
             continue;
         }
         #[cfg(all(test, not(loom)))]
-        tests::before_announce(shared.id);
+        tests::hook(tests::Point::BeforeAnnounce, shared.id);
         let ticket = sleep.announce();
         let found = find(&shared);
         if found.is_some() {
@@ -1112,25 +1116,49 @@ mod tests {
 
     const PATIENCE: Duration = Duration::from_secs(10);
 
-    /// What a normal worker of one pool runs (once) after its last search and before it
-    /// announces that it will sleep: the window in which a submit finds no sleepy worker.
-    type Hook = (usize, Box<dyn FnOnce() + Send>);
-    static BEFORE_ANNOUNCE: Mutex<Option<Hook>> = Mutex::new(None);
+    /// Where a worker runs a test's hook: windows in which a submit sees the worker as
+    /// neither sleepy nor gone.
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    pub(super) enum Point {
+        /// After its last search, before it announces that it will sleep.
+        BeforeAnnounce,
+        /// Idle-timed-out and about to retire, before it counts itself out (it holds the
+        /// control lock, which a submit does not take).
+        BeforeIdleRetirement,
+    }
 
-    pub(super) fn before_announce(pool: usize) {
+    /// A hook: the point, the pool, and what a worker of that pool runs there (once).
+    type Hook = (Point, usize, Box<dyn FnOnce() + Send>);
+    /// The hooks set by tests running at the same time (each for its own pool).
+    static HOOKS: Mutex<Vec<Hook>> = Mutex::new(Vec::new());
+
+    pub(super) fn hook(point: Point, pool: usize) {
         let hook = {
-            let mut slot = lock(&BEFORE_ANNOUNCE);
-            match slot.take() {
-                Some((id, f)) if id == pool => Some(f),
-                other => {
-                    *slot = other;
-                    None
-                }
-            }
+            let mut hooks = lock(&HOOKS);
+            let found = hooks
+                .iter()
+                .position(|&(p, id, _)| p == point && id == pool);
+            found.map(|i| hooks.swap_remove(i).2)
         };
         if let Some(f) = hook {
             f();
         }
+    }
+
+    /// Sets a hook that pauses a worker of `pool` at `point`; returns the receiver told when
+    /// it paused and the sender that lets it go on.
+    fn pause_at(point: Point, pool: &Pool) -> (mpsc::Receiver<()>, mpsc::Sender<()>) {
+        let (paused_tx, paused) = mpsc::channel();
+        let (go, go_rx) = mpsc::channel::<()>();
+        lock(&HOOKS).push((
+            point,
+            pool.shared.id,
+            Box::new(move || {
+                paused_tx.send(()).unwrap();
+                let _ = go_rx.recv_timeout(PATIENCE);
+            }),
+        ));
+        (paused, go)
     }
 
     #[test]
@@ -1140,15 +1168,7 @@ mod tests {
             .max_workers(1)
             .build()
             .unwrap();
-        let (paused_tx, paused) = mpsc::channel();
-        let (go, go_rx) = mpsc::channel::<()>();
-        *lock(&BEFORE_ANNOUNCE) = Some((
-            pool.shared.id,
-            Box::new(move || {
-                paused_tx.send(()).unwrap();
-                let _ = go_rx.recv_timeout(PATIENCE);
-            }),
-        ));
+        let (paused, go) = pause_at(Point::BeforeAnnounce, &pool);
         // The idle worker searched, spun and stopped right before announcing.
         paused.recv_timeout(PATIENCE).unwrap();
         let (ran_tx, ran) = mpsc::channel();
@@ -1163,6 +1183,40 @@ mod tests {
         assert!(
             ran.recv_timeout(PATIENCE).is_ok(),
             "the job waited with its only worker asleep"
+        );
+    }
+
+    #[test]
+    fn a_job_submitted_while_the_last_worker_retires_is_run() {
+        let pool = Pool::builder()
+            .min_workers(0)
+            .max_workers(1)
+            .idle_timeout(Duration::from_millis(1))
+            .build()
+            .unwrap();
+        let (paused, go) = pause_at(Point::BeforeIdleRetirement, &pool);
+        // Start the one worker; it runs the job, idles, times out and stops before counting
+        // itself out.
+        let (ran_tx, ran) = mpsc::channel();
+        let first = ran_tx.clone();
+        pool.submit(move || {
+            let _ = first.send(1);
+        })
+        .unwrap();
+        assert_eq!(ran.recv_timeout(PATIENCE), Ok(1));
+        paused.recv_timeout(PATIENCE).unwrap();
+        // The submit still counts one worker and starts none (the paused worker holds the
+        // control lock, so read the count's lock-free mirror).
+        pool.submit(move || {
+            let _ = ran_tx.send(2);
+        })
+        .unwrap();
+        assert_eq!(pool.shared.workers.load(SeqCst), 1);
+        go.send(()).unwrap();
+        assert_eq!(
+            ran.recv_timeout(PATIENCE),
+            Ok(2),
+            "the job was left in a pool whose last worker retired"
         );
     }
 }

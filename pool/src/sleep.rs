@@ -243,6 +243,10 @@ mod tests {
         while sleep.sleeping() == 0 {
             thread::yield_now();
         }
+        // The worker counts itself under the mutex and holds it until it waits: once this
+        // thread has the mutex, the worker is waiting (a publish before that would find it
+        // about to re-check the ticket, and it would not block at all).
+        drop(sleep.lock.lock().unwrap());
         assert!(sleep.publish());
         assert_ne!(worker.join().unwrap(), Woke::TimedOut);
     }
@@ -258,6 +262,10 @@ mod tests {
         while sleep.sleeping() == 0 {
             thread::yield_now();
         }
+        // The worker counts itself under the mutex and holds it until it waits: once this
+        // thread has the mutex, the worker is waiting (a publish before that would find it
+        // about to re-check the ticket, and it would not block at all).
+        drop(sleep.lock.lock().unwrap());
         assert!(sleep.publish());
         // Whether or not the worker has run yet, the second submit finds no sleeper left.
         assert!(!sleep.publish());
