@@ -726,10 +726,12 @@ fn idle_retirement_never_strands_a_job() {
 #[test]
 fn a_submit_racing_the_worker_on_its_way_to_sleep_always_wakes_it() {
     // An idle worker spins, then yields, then announces that it will sleep and searches once
-    // more; the submitter's side of that handshake has no fence of its own (the announcing
-    // worker pays for both). Gaps from none to a few hundred microseconds land the submits at
-    // every step of that path; each job is awaited before the next submit, so a lost wake-up
-    // strands it. One worker: with a second one asleep, every submit would wake that one.
+    // more; a submit to the shared queue makes no fence of its own there (the queue's SeqCst
+    // push pairs with the worker's fence). Gaps from none to a few hundred microseconds spread
+    // the submits over that path; each job is awaited before the next submit, so a lost
+    // wake-up strands it. A stress test: whether a submit lands in the narrowest window
+    // depends on timing; a unit test in src/pool.rs pauses the worker there and puts one in
+    // every time. One worker: with a second one asleep, every submit would wake that one.
     let pool = Pool::builder()
         .min_workers(1)
         .max_workers(1)
