@@ -5,6 +5,11 @@
 //! with as many worker threads as the vireo pool has workers, one task per connection that
 //! reads whatever has arrived, answers every whole call in it (ECHO and HASH inline, SLEEP on a
 //! timer) and writes the replies back in one `write_all`.
+//!
+//! vireo runs twice per backend: `vireo-<backend>` is the seed's design (the loop reads, a
+//! worker runs the call, the loop writes the reply), `vireo-inline-<backend>` the same server
+//! with no workers (`max_workers` 0: each call runs on the loop thread as it is read, as the
+//! tokio server runs them on the thread that read them).
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -46,12 +51,24 @@ impl Running {
     }
 }
 
-/// The systems: `vireo-<backend>` for each compiled backend that starts here, then `tokio`.
+/// The systems: `vireo-<backend>` for each compiled backend that starts here (calls run by
+/// the server's pool), `vireo-inline-<backend>` for each (the server without workers: calls
+/// run on its loop thread, as the tokio server runs them on its I/O threads), then `tokio`.
 pub fn systems() -> Vec<String> {
-    crate::report::systems_with(&["tokio"])
+    let pooled = crate::report::systems_with(&[]);
+    let inline = pooled
+        .iter()
+        .map(|s| s.replacen("vireo-", "vireo-inline-", 1));
+    pooled
+        .clone()
+        .into_iter()
+        .chain(inline)
+        .chain(["tokio".to_owned()])
+        .collect()
 }
 
-/// Starts system `name` on a Unix socket at `path` with `workers` worker threads.
+/// Starts system `name` on a Unix socket at `path` with `workers` worker threads (none for
+/// `vireo-inline-*`).
 ///
 /// # Errors
 ///
@@ -59,6 +76,10 @@ pub fn systems() -> Vec<String> {
 pub fn start(name: &str, path: &Path, workers: usize) -> io::Result<(Running, ListenAddr)> {
     let addr = ListenAddr::Unix(path.to_path_buf());
     if let Some(backend) = name.strip_prefix("vireo-") {
+        let (backend, workers, prio) = match backend.strip_prefix("inline-") {
+            Some(backend) => (backend, 0, 0),
+            None => (backend, workers, 1),
+        };
         let server = Server::bind_with(
             DaemonConfig {
                 backend: Choice::Only(backend.parse()?),
@@ -68,7 +89,7 @@ pub fn start(name: &str, path: &Path, workers: usize) -> io::Result<(Running, Li
                 listen: vec![addr.clone()],
                 min_workers: workers,
                 max_workers: workers,
-                prio_workers: 1,
+                prio_workers: prio,
                 ..ServerConfig::default()
             },
         )?;

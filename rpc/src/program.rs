@@ -1,5 +1,6 @@
 //! Programs in libvirt's sense: a program number, a version and a table of procedures, each a
-//! handler that runs on one of the server's workers.
+//! handler that runs on one of the server's workers (or on the loop thread, for a server
+//! without workers: [`ServerConfig::max_workers`](crate::server::ServerConfig::max_workers) 0).
 //!
 //! A [`Server`](crate::server::Server) serves any number of programs (see
 //! [`ServerConfig::programs`](crate::server::ServerConfig::programs)); the loop thread reads a
@@ -128,7 +129,8 @@ pub(crate) trait CallContext: Sync {
     fn stats(&self) -> Option<ServerStats>;
 }
 
-/// One call, as its handler sees it (on a worker thread).
+/// One call, as its handler sees it (on a worker thread, or on the loop thread for a server
+/// without workers).
 pub struct Call<'a> {
     pub(crate) header: Header,
     pub(crate) payload: &'a [u8],
@@ -158,7 +160,8 @@ impl Call<'_> {
     }
 
     /// The server's statistics now; `None` when the server's pool is gone (the daemon
-    /// drains a pool before it drops it, so not while one of its calls runs).
+    /// drains a pool before it drops it, so not while one of its calls runs). A server
+    /// without workers reports a pool whose limits and counts are all 0.
     pub fn server_stats(&self) -> Option<ServerStats> {
         self.server.stats()
     }
@@ -179,7 +182,7 @@ impl fmt::Debug for Call<'_> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ServerStats {
-    /// The server's worker pool.
+    /// The server's worker pool (all 0 for a server without workers).
     pub pool: vireo_pool::Stats,
     /// Clients connected to this server now.
     pub clients: usize,
@@ -196,7 +199,9 @@ pub struct ServerStats {
 }
 
 /// A procedure's handler: reads the call and appends the reply's body to `out`, or returns
-/// the error the client gets. Runs on a worker thread.
+/// the error the client gets. Runs on a worker thread, or on the loop thread for a server
+/// without workers ([`ServerConfig::max_workers`](crate::server::ServerConfig::max_workers)
+/// 0), where it holds up every other client while it runs.
 ///
 /// `out` already holds the reply frame's length word and header (the body is written in
 /// place, without a copy): append only. A handler that changes or removes those bytes, or
@@ -243,7 +248,8 @@ impl Program {
     }
 
     /// Adds procedure `number`, run by the pool's priority workers: calls that must not wait
-    /// behind slow ones (libvirt's `priority` procedures). Handlers that block for long belong
+    /// behind slow ones (libvirt's `priority` procedures). A server without workers runs it
+    /// on the loop thread like any other. Handlers that block for long belong
     /// in [`procedure`](Program::procedure): there are few priority workers.
     pub fn priority_procedure(
         self,

@@ -434,3 +434,57 @@ fn stock_virt_admin_sets_the_daemon_timeout_and_sees_every_named_server() {
     let summary = daemon.stop();
     assert_eq!(summary.servers[1].1.clients_accepted, 1);
 }
+
+#[test]
+fn stock_virt_admin_sees_a_server_without_workers_and_cannot_give_it_a_pool() {
+    let missing = (!Path::new("/usr/bin/virt-admin").exists())
+        .then(|| "/usr/bin/virt-admin (libvirt-clients)".to_owned());
+    if !testing::ready_or_skip("virt-admin against a server without workers", missing) {
+        return;
+    }
+    use vireo_rpc::server::ServerConfig;
+    let daemon = common::TestDaemon::start(
+        vireo_backends::Choice::Auto,
+        None,
+        vec![ServerConfig {
+            name: "inline".into(),
+            min_workers: 0,
+            max_workers: 0,
+            prio_workers: 0,
+            keepalive_interval: None,
+            ..ServerConfig::default()
+        }],
+    );
+    let socket = daemon.admin.clone();
+    let admin = |args: &[&str]| virt_admin(&socket, args);
+    let info = fields(&ok(admin(&["srv-threadpool-info", "inline"])));
+    for (key, v) in &info {
+        assert_eq!(v, "0", "{key} in {info:?}");
+    }
+    assert_eq!(info.len(), 6, "{info:?}");
+    // libvirt's own refusal, word for word.
+    let e = err(admin(&[
+        "srv-threadpool-set",
+        "inline",
+        "--max-workers",
+        "4",
+    ]));
+    assert!(
+        e.contains("maxWorkers must not be switched from zero to non-zero and vice versa"),
+        "{e}"
+    );
+    let e = err(admin(&[
+        "srv-threadpool-set",
+        "inline",
+        "--min-workers",
+        "1",
+    ]));
+    assert!(
+        e.contains("minWorkers cannot be larger than maxWorkers"),
+        "{e}"
+    );
+    let mut c = daemon.client(0);
+    assert_eq!(c.echo(b"inline").unwrap(), b"inline");
+    let summary = daemon.stop();
+    assert_eq!(summary.servers[0].1.replies_sent, 1);
+}

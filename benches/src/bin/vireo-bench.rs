@@ -704,13 +704,15 @@ struct RpcArgs {
     /// Runs per point; medians are reported.
     #[arg(long, default_value_t = 3)]
     runs: usize,
-    /// Worker threads of each server (vireo's pool, tokio's runtime).
+    /// Worker threads of each server (vireo's pool, tokio's runtime); the vireo-inline-*
+    /// servers have none.
     #[arg(long, default_value_t = 2)]
     workers: usize,
     /// A smoke run well under a minute.
     #[arg(long)]
     quick: bool,
-    /// Run only these systems (repeatable): vireo-BACKEND or tokio.
+    /// Run only these systems (repeatable): vireo-BACKEND (calls run by the pool),
+    /// vireo-inline-BACKEND (no workers: calls run on the loop thread) or tokio.
     #[arg(long = "system", value_name = "NAME")]
     systems: Vec<String>,
     #[command(flatten)]
@@ -1110,24 +1112,30 @@ fn rpc_report(args: &mut RpcArgs, progress: &dyn Fn(&str)) -> anyhow::Result<Rep
             ]);
         }
         if *clients == 64 {
-            let best = rows
-                .iter()
-                .filter(|r| r.0.starts_with("vireo-"))
-                .max_by(|a, b| a.1.total_cmp(&b.1));
-            if let (Some(best), Some((t_rate, t_p99))) = (best, tokio) {
-                rep.targets.push(Target {
-                    what: format!(
-                        "best vireo >= 1x tokio at 64 clients, {payload} B, p99 no worse"
-                    ),
-                    measured: format!(
-                        "{} {:.2}x, p99 {:.0} vs {:.0} us",
-                        best.0,
-                        best.1 / t_rate,
-                        best.3,
-                        t_p99
-                    ),
-                    met: best.1 >= t_rate && best.3 <= t_p99,
-                });
+            // The target over every vireo system, then the same over the servers
+            // that hand calls to a pool (the seed's design), so that both stay visible.
+            let of = |pooled: bool| {
+                rows.iter()
+                    .filter(|r| r.0.starts_with("vireo-"))
+                    .filter(move |r| !pooled || !r.0.starts_with("vireo-inline-"))
+                    .max_by(|a, b| a.1.total_cmp(&b.1))
+            };
+            for (best, which) in [(of(false), "vireo"), (of(true), "vireo with workers")] {
+                if let (Some(best), Some((t_rate, t_p99))) = (best, tokio) {
+                    rep.targets.push(Target {
+                        what: format!(
+                            "best {which} >= 1x tokio at 64 clients, {payload} B, p99 no worse"
+                        ),
+                        measured: format!(
+                            "{} {:.2}x, p99 {:.0} vs {:.0} us",
+                            best.0,
+                            best.1 / t_rate,
+                            best.3,
+                            t_p99
+                        ),
+                        met: best.1 >= t_rate && best.3 <= t_p99,
+                    });
+                }
             }
         }
     }

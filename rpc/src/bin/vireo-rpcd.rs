@@ -25,7 +25,8 @@ struct Args {
     /// Workers started at once.
     #[arg(long, default_value_t = 5)]
     min_workers: usize,
-    /// Normal workers at most.
+    /// Normal workers at most; 0 runs every call on the event-loop thread, with no pool
+    /// (then also --prio-workers 0). --min-workers above it is lowered to it.
     #[arg(long, default_value_t = 20)]
     max_workers: usize,
     /// Priority workers (run STATS).

@@ -198,7 +198,8 @@ impl State {
                 done(d)?;
                 let srv = self.find_server(&name)?;
                 no_flags(flags, "adminServerGetThreadPoolParameters")?;
-                let s = self.pool(srv).stats();
+                // A server without a pool reports 0 for everything, as libvirt's does.
+                let s = self.pool(srv).map(|p| p.stats()).unwrap_or_default();
                 let uint = |v: usize| Value::UInt(u32::try_from(v).unwrap_or(u32::MAX));
                 out.typed_params(&[
                     TypedParam::new("minWorkers", uint(s.min_workers)),
@@ -386,7 +387,7 @@ impl State {
         }
         // libvirt checks the resulting minimum against the resulting maximum first.
         let pool = self.pool(srv);
-        let now = pool.stats();
+        let now = pool.as_ref().map(|p| p.stats()).unwrap_or_default();
         let (min, max) = (
             limits[0].unwrap_or(now.min_workers),
             limits[1].unwrap_or(now.max_workers),
@@ -400,6 +401,21 @@ impl State {
                 "worker limit {n} is above this server's ceiling of {ceiling}"
             )));
         }
+        let Some(pool) = pool else {
+            // Calls run on the loop thread: there is no pool to start or tune.
+            if limits[1].is_some_and(|max| max > 0) {
+                return Err(invalid_arg(
+                    "maxWorkers must not be switched from zero to non-zero and vice versa",
+                ));
+            }
+            if limits[2].is_some_and(|prio| prio > 0) {
+                return Err(invalid_arg(
+                    "prioWorkers cannot be set on a server without workers (maxWorkers 0): \
+                     its calls run on the event loop thread",
+                ));
+            }
+            return Ok(());
+        };
         match pool.set_limits(limits[0], limits[1], limits[2]) {
             Ok(()) => Ok(()),
             Err(LimitsError::MinAboveMax { .. }) => {
@@ -464,14 +480,9 @@ impl State {
             })
     }
 
-    /// The pool of named server `srv`.
-    fn pool(&self, srv: usize) -> std::sync::Arc<vireo_pool::Pool> {
-        std::sync::Arc::clone(
-            self.servers[srv]
-                .pool
-                .as_ref()
-                .expect("a named server has a pool"),
-        )
+    /// The pool of named server `srv`; `None` when its calls run on the loop thread.
+    fn pool(&self, srv: usize) -> Option<std::sync::Arc<vireo_pool::Pool>> {
+        self.servers[srv].pool.clone()
     }
 
     /// The client an `admin_nonnull_client` names: its server (checked) and id; the

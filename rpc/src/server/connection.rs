@@ -29,7 +29,8 @@ pub(super) struct Client {
     pub(super) tx: VecDeque<Outgoing>,
     pub(super) tx_offset: usize,
     pub(super) tx_bytes: usize,
-    /// Calls handed to the pool whose reply is not yet fully written.
+    /// Calls received (handed to the pool, or run on the loop thread) whose reply is not yet
+    /// fully written.
     pub(super) in_flight: usize,
     pub(super) last_rx: Instant,
     pub(super) pings_left: u32,
@@ -164,6 +165,11 @@ impl State {
         }
         if outcome.is_ok() && events.intersects(Events::READABLE) | failed {
             outcome = self.read_in(key);
+            // Replies queued by the read (calls run on the loop thread, refusals) go out now
+            // rather than an iteration later.
+            if outcome.is_ok() && !self.clients[key].tx.is_empty() {
+                outcome = self.write_out(key);
+            }
         }
         if outcome.is_ok() && events.contains(Events::ERROR) {
             // The socket's own error ends the read or write above; one that remains is the

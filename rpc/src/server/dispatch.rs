@@ -56,7 +56,8 @@ pub(super) struct WorkerCtx {
     pub(super) state: WeakLoopLocal<State>,
     pub(super) handle: LoopHandle,
     pub(super) completions: Completions,
-    pub(super) pool: Weak<Pool>,
+    /// `None` for a server whose calls run on the loop thread.
+    pub(super) pool: Option<Weak<Pool>>,
     pub(super) counters: Arc<Counters>,
     pub(super) loop_counters: Arc<LoopCounters>,
     pub(super) programs: Vec<Program>,
@@ -68,9 +69,13 @@ impl CallContext for WorkerCtx {
     }
 
     fn stats(&self) -> Option<ServerStats> {
-        let pool = self.pool.upgrade()?;
+        let pool = match &self.pool {
+            Some(pool) => pool.upgrade()?.stats(),
+            // No pool: every limit and count is 0.
+            None => vireo_pool::Stats::default(),
+        };
         Some(ServerStats {
-            pool: pool.stats(),
+            pool,
             clients: self.counters.clients.load(Relaxed),
             calls_received: self.counters.calls_received.load(Relaxed),
             replies_sent: self.counters.replies_sent.load(Relaxed),
@@ -153,7 +158,8 @@ fn execute(frame: &Frame, uid: u64, program: usize, entry: usize, ctx: &WorkerCt
 
 impl State {
     /// Hands one whole frame of client `key` on: keepalive and admin calls are answered on the
-    /// loop, a call of a program goes to the server's pool.
+    /// loop, a call of a program goes to the server's pool, or runs here when the server has
+    /// none (its reply is queued; the caller writes it).
     pub(super) fn dispatch(&mut self, key: usize, frame: Frame) -> Result<(), Close> {
         if self.keepalive_message(key, &frame.header)? {
             return Ok(());
@@ -179,10 +185,16 @@ impl State {
                 return self.queue(key, error_frame(&header, &e), true);
             }
         };
+        let Some(pool) = s.pool.as_ref() else {
+            // libvirt's server without workers: the call runs here, on the loop thread.
+            let c = &mut self.clients[key];
+            c.in_flight += 1;
+            let reply = execute(&frame, c.uid, program, entry, ctx);
+            return self.queue(key, reply, true);
+        };
         // One reference count for everything a job needs (each count is a cache line that the
         // loop and the workers would otherwise pass back and forth).
         let ctx = Arc::clone(ctx);
-        let pool = s.pool.as_ref().expect("a server of programs has a pool");
         let c = &mut self.clients[key];
         c.in_flight += 1;
         let uid = c.uid;

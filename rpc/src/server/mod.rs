@@ -8,7 +8,9 @@
 //! writes replies in the order they complete. Workers only run the procedure's handler, which
 //! decodes the payload and encodes the reply; the reply goes back to the loop with
 //! [`LoopHandle::invoke`]. Priority procedures go to the pool's priority lane, so a queue of
-//! slow calls never delays them.
+//! slow calls never delays them. A server configured with no workers
+//! ([`ServerConfig::max_workers`] 0) runs each call on the loop thread instead, as it is read,
+//! and writes its reply in the same iteration.
 //!
 //! The parts, one file each: `listener` (bind, accept, the client limit and the EMFILE pause),
 //! `connection` (one client's state machine: read, throttle, write, close), `dispatch` (from a
@@ -187,9 +189,18 @@ pub struct ServerConfig {
     /// at most once, and none with the keepalive program's number, which the server answers
     /// itself.
     pub programs: Vec<Program>,
-    /// Workers started at once (libvirt's `min_workers`, 5).
+    /// Workers started at once (libvirt's `min_workers`, 5); above `max_workers` it is
+    /// lowered to `max_workers`, as libvirt does.
     pub min_workers: usize,
     /// Normal workers at most (`max_workers`, 20).
+    ///
+    /// 0 gives the server no pool: every call runs on the loop thread as soon as it is read,
+    /// and its reply is written in the same iteration (libvirt's server does this when its
+    /// pool has no workers). That saves the hand-off to a worker and back, which is most of
+    /// the cost of a cheap call; the price is that a handler holds up every client of the
+    /// daemon while it runs (a `SLEEP` stops the loop, pings included). `prio_workers` must
+    /// be 0 too, and the admin socket cannot switch such a server to a pool or back (libvirt
+    /// refuses that switch as well).
     pub max_workers: usize,
     /// Priority workers (`prio_workers`, 5).
     pub prio_workers: usize,
@@ -368,7 +379,8 @@ struct Srv {
     config: ServerConfig,
     /// The admin socket: its clients speak libvirt's admin program, answered on the loop.
     admin: bool,
-    /// `None` for the admin socket.
+    /// `None` for the admin socket and for a server whose calls run on the loop thread
+    /// (`max_workers` 0).
     pool: Option<Arc<Pool>>,
     ctx: Option<Arc<WorkerCtx>>,
     counters: Arc<Counters>,
@@ -462,11 +474,13 @@ impl Daemon {
 
     /// Starts a server's pool, binds its listen addresses and serves its programs on the
     /// daemon's loop; returns the addresses bound (with the ports picked for `tcp:…:0`).
+    /// A server with `max_workers` 0 gets no pool: its calls run on the loop thread (see
+    /// [`ServerConfig::max_workers`]).
     ///
     /// # Errors
     ///
     /// `InvalidInput` for a config without an address, with an empty name or one already
-    /// used, with `max_workers` 0, `min_workers` above `max_workers`, worker counts above
+    /// used, with `max_workers` 0 and `prio_workers` above 0, worker counts above
     /// `worker_ceiling`, `max_client_requests`/`max_clients` 0, `max_buffered_input` below
     /// `max_message_size`, or two programs with one number and version (or one with the
     /// keepalive program's number); the error of a bind or of a worker thread that cannot be
@@ -519,14 +533,25 @@ impl Daemon {
                 config.worker_ceiling
             ));
         }
-        let pool = Pool::builder()
-            .min_workers(config.min_workers)
-            .max_workers(config.max_workers)
-            .prio_workers(config.prio_workers)
-            .name("vireo-rpc")
-            .build()
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
-        let pool = Arc::new(pool);
+        let pool = if config.max_workers == 0 {
+            if config.prio_workers > 0 {
+                return invalid(
+                    "a server with max_workers 0 runs every call on the loop thread and has no \
+                     pool: prio_workers must be 0 too"
+                        .into(),
+                );
+            }
+            None
+        } else {
+            let pool = Pool::builder()
+                .min_workers(config.min_workers)
+                .max_workers(config.max_workers)
+                .prio_workers(config.prio_workers)
+                .name("vireo-rpc")
+                .build()
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+            Some(Arc::new(pool))
+        };
         let mut bound = Vec::new();
         let mut local = Vec::new();
         for addr in &config.listen {
@@ -535,7 +560,7 @@ impl Daemon {
             local.push(addr);
         }
         let name = config.name.clone();
-        let (pool2, loop_counters) = (Arc::clone(&pool), Arc::clone(&self.loop_counters));
+        let (pool2, loop_counters) = (pool.clone(), Arc::clone(&self.loop_counters));
         self.event_loop
             .with_local(&self.state, |st| {
                 let counters = Arc::new(Counters::default());
@@ -545,18 +570,18 @@ impl Daemon {
                     state: st.me.clone(),
                     handle: st.handle.clone(),
                     completions: Default::default(),
-                    pool: Arc::downgrade(&pool2),
+                    pool: pool2.as_ref().map(Arc::downgrade),
                     counters: Arc::clone(&counters),
                     loop_counters,
                     programs: config.programs.clone(),
                 });
-                st.add_srv(config, false, Some(pool2), Some((ctx, counters)), bound)
+                st.add_srv(config, false, pool2, Some((ctx, counters)), bound)
             })
             .map_err(io::Error::from)??;
         for addr in &local {
             tracing::info!(server = %name, %addr, backend = self.event_loop.backend_name(), "listening");
         }
-        self.pools.push(pool);
+        self.pools.extend(pool);
         self.servers.push((name, local));
         Ok(&self.servers.last().expect("just added").1)
     }
