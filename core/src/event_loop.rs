@@ -730,9 +730,6 @@ impl<B: Backend> EventLoop<B> {
         // Borrowed, not cloned: no reference-count traffic per iteration.
         let shared: &Shared = &self.handle.shared;
         let _runner = Runner::enter(shared);
-        // Callback state removed since the last purge: dropped below, on this thread, with
-        // no lock held (declared before the lock guard, so also dropped after it on error).
-        let mut garbage = Garbage::default();
         // Every change up to `seen` was made (under the lock) before it was counted, so the
         // table read below holds it; a later one shows up in the wait's check of the counter.
         let seen = shared.waker.seq();
@@ -749,6 +746,10 @@ impl<B: Backend> EventLoop<B> {
                 (wake, true)
             }
             None => {
+                // Callback state removed since the last purge: dropped here, on this thread,
+                // with no lock held (declared before the lock guard, so also dropped after it
+                // on error).
+                let mut garbage = Garbage::default();
                 let mut state = shared.lock();
                 if self.due_next < self.due.len() {
                     // A timer callback panicked in the previous iteration.
@@ -758,7 +759,10 @@ impl<B: Backend> EventLoop<B> {
                 self.due_next = 0;
                 state.purge(&mut garbage);
                 state.sync(&mut self.backend)?;
-                (state.next_wake(), state.is_synced())
+                let table = (state.next_wake(), state.is_synced());
+                drop(state);
+                drop(garbage);
+                table
             }
         };
         let mut timeout = match wake {
@@ -769,7 +773,6 @@ impl<B: Backend> EventLoop<B> {
         if shared.quit.load(Ordering::SeqCst) {
             timeout = Some(Duration::ZERO);
         }
-        drop(garbage);
         // Checked after `seen` was read: a closure queued later bumps the sequence, so the
         // wait below either sees the bump or is woken by the eventfd.
         let timeout = if self.invoked.is_empty() && shared.invokes.is_empty() {
