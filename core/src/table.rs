@@ -523,6 +523,7 @@ impl State {
     /// `events`; a watch already taken in this pass (its token was reported twice, or a
     /// refused registration's `ERROR` came beside a report) gets `events` added instead, so
     /// that it runs once. Returns false when no fd has `token`.
+    #[inline]
     pub(crate) fn take_ready(
         &mut self,
         token: Token,
