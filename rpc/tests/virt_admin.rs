@@ -150,18 +150,20 @@ fn stock_virt_admin_manages_vireo_rpcd() {
     );
 
     // vireo-rpc admin speaks the same protocol, finding the admin socket from --connect.
+    // (Raised, not lowered: prioWorkers is the number alive, and surplus workers leave on
+    // their own after the call returns, as libvirt's do; new ones are counted at once.)
     let out = Command::new(env!("CARGO_BIN_EXE_vireo-rpc"))
         .arg("--connect")
         .arg(format!("unix:{}", d.public.display()))
-        .args(["admin", "srv-threadpool-set", "--prio-workers", "4"])
+        .args(["admin", "srv-threadpool-set", "--prio-workers", "6"])
         .output()
         .unwrap();
     let printed = fields(&ok(out));
-    assert_eq!(value(&printed, "prioWorkers"), "4");
+    assert_eq!(value(&printed, "prioWorkers"), "6");
     let pool = fields(&ok(admin(&["srv-threadpool-info", "vireo"])));
     assert_eq!(
         value(&pool, "prioWorkers"),
-        "4",
+        "6",
         "virt-admin does not see vireo-rpc's change"
     );
 
