@@ -1055,7 +1055,10 @@ fn rpc_report(args: &mut RpcArgs, progress: &dyn Fn(&str)) -> anyhow::Result<Rep
         bench: "rpc".into(),
         intro: vec![format!(
             "vireo-bench rpc: ECHO, {} calls in flight per client, {:.1} s per point, medians of \
-             {} runs; {} server workers; load generator: one vireo loop thread",
+             {} runs; {} server workers (vireo-BACKEND: the loop reads, a worker runs the call, \
+             the loop writes the reply; vireo-inline-BACKEND: the same server with no workers, \
+             each call run on the loop thread as it is read, as tokio's server runs calls on \
+             the thread that read them); load generator: one vireo loop thread",
             args.inflight, args.duration, args.runs, args.workers
         )],
         columns: [
