@@ -67,10 +67,19 @@ fn tcp_on_loopback_serves_alongside_unix() {
     }
 }
 
+/// The two ways a server runs calls: on its pool, and on the loop thread (no workers).
+fn with_and_without_workers(c: &mut vireo_rpc::server::ServerConfig, pooled: bool) {
+    if !pooled {
+        c.min_workers = 0;
+        c.max_workers = 0;
+        c.prio_workers = 0;
+    }
+}
+
 #[test]
 fn malformed_calls_get_error_replies_and_the_connection_stays() {
-    for kind in backends() {
-        let server = TestServer::start(kind, |_| {});
+    for (kind, pooled) in backends().into_iter().flat_map(|k| [(k, true), (k, false)]) {
+        let server = TestServer::start(kind, |c| with_and_without_workers(c, pooled));
         let mut c = server.client();
         let bad = [
             (
@@ -267,8 +276,11 @@ fn keepalive_pings_are_answered_with_pong() {
 #[test]
 fn a_client_that_never_reads_is_throttled_then_dropped() {
     use std::io::Write;
-    for kind in backends() {
-        let server = TestServer::start(kind, |c| c.max_queued_reply_bytes = 300 * 1024);
+    for (kind, pooled) in backends().into_iter().flat_map(|k| [(k, true), (k, false)]) {
+        let server = TestServer::start(kind, |c| {
+            with_and_without_workers(c, pooled);
+            c.max_queued_reply_bytes = 300 * 1024;
+        });
         let mut greedy = server.raw();
         greedy.set_nonblocking(true).unwrap();
         // ECHO calls of 256 KiB each, never reading a reply. The server reads at most
