@@ -199,9 +199,9 @@ pub struct ServerConfig {
     /// reply is queued at once; replies queued while a client's input is read are written
     /// right after that read (what the socket does not take waits until it can). libvirt's
     /// server does the same when its pool has no workers. That saves the hand-off to a
-    /// worker and back: in `vireo-bench rpc` on a 2-CPU machine, 64-byte ECHO calls ran
-    /// 1.7x (64 clients) to 2x (16 clients) as fast this way, and 16 KiB ones 1.2x to 1.8x
-    /// (BENCHMARKS.md). The price is that a handler holds up every client of the
+    /// worker and back: in `vireo-bench rpc` on a 2-CPU machine (16 and 64 clients, every
+    /// backend), 64-byte ECHO calls ran 1.5x to 2.2x as fast this way, and 16 KiB ones 1.2x
+    /// to 1.8x (BENCHMARKS.md). The price is that a handler holds up every client of the
     /// daemon while it runs (a `SLEEP` stops the loop, pings included). `prio_workers` must
     /// be 0 too, and the admin socket cannot switch such a server to a pool or back (libvirt
     /// refuses that switch as well).
