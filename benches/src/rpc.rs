@@ -55,16 +55,14 @@ impl Running {
 /// the server's pool), `vireo-inline-<backend>` for each (the server without workers: calls
 /// run on its loop thread, as the tokio server runs them on its I/O threads), then `tokio`.
 pub fn systems() -> Vec<String> {
-    let pooled = crate::report::systems_with(&[]);
-    let inline = pooled
+    let mut systems = crate::report::systems_with(&[]);
+    let inline: Vec<String> = systems
         .iter()
-        .map(|s| s.replacen("vireo-", "vireo-inline-", 1));
-    pooled
-        .clone()
-        .into_iter()
-        .chain(inline)
-        .chain(["tokio".to_owned()])
-        .collect()
+        .map(|s| s.replacen("vireo-", "vireo-inline-", 1))
+        .collect();
+    systems.extend(inline);
+    systems.push("tokio".to_owned());
+    systems
 }
 
 /// Starts system `name` on a Unix socket at `path` with `workers` worker threads (none for

@@ -195,16 +195,16 @@ pub struct ServerConfig {
     /// Normal workers at most (`max_workers`, 20).
     ///
     /// 0 gives the server no pool: every call runs on the loop thread where it would have
-    /// been handed to a worker (once read whole, within the per-client throttle), and its
-    /// reply is queued at once; replies queued while a client's input is read are written
-    /// right after that read (what the socket does not take waits until it can). libvirt's
-    /// server does the same when its pool has no workers. That saves the hand-off to a
-    /// worker and back: in `vireo-bench rpc` on a 2-CPU machine (16 and 64 clients, every
-    /// backend), 64-byte ECHO calls ran 1.5x to 2.2x as fast this way, and 16 KiB ones 1.2x
-    /// to 1.8x (BENCHMARKS.md). The price is that a handler holds up every client of the
-    /// daemon while it runs (a `SLEEP` stops the loop, pings included). `prio_workers` must
-    /// be 0 too, and the admin socket cannot switch such a server to a pool or back (libvirt
-    /// refuses that switch as well).
+    /// been handed to a worker (once read whole; `max_client_requests` applies as with
+    /// workers), and its reply is queued at once; replies queued while a client's input is
+    /// read are written right after that read (what the socket does not take waits until it
+    /// can). libvirt's server does the same when its pool has no workers. That saves the
+    /// hand-off to a worker and back: in `vireo-bench rpc` on a 2-CPU machine (16 and 64
+    /// clients, every backend), 64-byte ECHO calls ran 1.5x to 2.2x as fast this way, and
+    /// 16 KiB ones 1.2x to 1.8x (BENCHMARKS.md). The price is that a handler holds up every
+    /// client of the daemon while it runs: a `SLEEP` of up to 60 s stops the loop, pings,
+    /// accepts and shutdown included. `prio_workers` must be 0 too, and the admin socket
+    /// cannot switch such a server to a pool or back (libvirt refuses that switch as well).
     pub max_workers: usize,
     /// Priority workers (`prio_workers`, 5).
     pub prio_workers: usize,
