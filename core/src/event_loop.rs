@@ -187,6 +187,11 @@ impl LoopHandle {
     /// the backend and on whether the number is reused (see the crate docs, *File
     /// descriptors*).
     ///
+    /// Each add checks `fd` with one `fstat` (is it open, and which file is it) and allocates
+    /// the callback. To stop and restart a watch that stays on the same file, pause and
+    /// resume it with [`update_handle`](LoopHandle::update_handle) instead of removing it
+    /// and adding a new one: that costs neither.
+    ///
     /// # Errors
     ///
     /// [`Error::Io`] with `EBADF` when `fd` is not an open file descriptor (the same error on
