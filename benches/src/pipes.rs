@@ -9,7 +9,7 @@
 //! Systems: vireo on every compiled backend, raw epoll and raw poll loops written directly on
 //! rustix (the floor), mio (edge-triggered: its callback reads until `WouldBlock` and writes once
 //! per byte read, which moves the same bytes), polling in level mode, calloop, and the C loops
-//! libev, libevent and libuv where their libraries are installed ([`cloops`]).
+//! libev, libevent and libuv where their libraries are installed (opened at run time).
 
 mod cloops;
 
