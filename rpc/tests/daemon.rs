@@ -25,14 +25,13 @@ fn daemon(
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_vireo-rpcd"));
     cmd.arg("--listen")
         .arg(format!("unix:{}", sock.display()))
-        .args([
-            "--backend",
-            kind.name(),
-            "--min-workers",
-            "2",
-            "--prio-workers",
-            "1",
-        ])
+        .args(["--backend", kind.name()])
+        // Small pools, unless the test sets the workers itself.
+        .args(if extra.contains(&"--max-workers") {
+            &[][..]
+        } else {
+            &["--min-workers", "2", "--prio-workers", "1"][..]
+        })
         .args(extra)
         .env("VIREO_LOG", "info")
         .stdout(Stdio::piped())
@@ -109,9 +108,21 @@ fn out_of_file_descriptors_pauses_accepting_and_recovers() {
 
 #[test]
 fn sigterm_under_load_answers_every_call_received() {
-    for kind in backends() {
+    // With a pool, and without one (every call on the loop thread).
+    let no_workers: &[&str] = &[
+        "--max-workers",
+        "0",
+        "--min-workers",
+        "0",
+        "--prio-workers",
+        "0",
+    ];
+    for (kind, extra) in backends()
+        .into_iter()
+        .flat_map(|k| [(k, &[][..]), (k, no_workers)])
+    {
         let dir = tempfile::tempdir().unwrap();
-        let (mut child, mut out, addr) = daemon(kind, dir.path(), None, &[]);
+        let (mut child, mut out, addr) = daemon(kind, dir.path(), None, extra);
         let load = std::thread::spawn(move || {
             vireo_rpc::load::run_load(&vireo_rpc::load::LoadConfig {
                 clients: 8,

@@ -451,8 +451,8 @@ fn priority_calls_overtake_a_queue_of_slow_ones() {
 
 #[test]
 fn shutdown_answers_every_call_received() {
-    for kind in backends() {
-        let server = TestServer::start(kind, |_| {});
+    for (kind, pooled) in backends().into_iter().flat_map(|k| [(k, true), (k, false)]) {
+        let server = TestServer::start(kind, |c| with_and_without_workers(c, pooled));
         let addr = server.addr.clone();
         let load = std::thread::spawn(move || {
             vireo_rpc::load::run_load(&vireo_rpc::load::LoadConfig {
@@ -471,13 +471,16 @@ fn shutdown_answers_every_call_received() {
         let report = load.join().unwrap();
         assert_eq!(
             summary.calls_received, summary.replies_sent,
-            "{kind}: {summary:?}"
+            "{kind} pooled={pooled}: {summary:?}"
         );
-        assert_eq!(summary.replies_dropped, 0, "{kind}");
+        assert_eq!(summary.replies_dropped, 0, "{kind} pooled={pooled}");
         // The load generator got every reply the server sent; the calls it sent after the
         // server stopped reading were never received and are reported as lost.
-        assert_eq!(report.received, summary.replies_sent, "{kind}");
-        assert!(report.received > 0, "{kind}");
+        assert_eq!(
+            report.received, summary.replies_sent,
+            "{kind} pooled={pooled}"
+        );
+        assert!(report.received > 0, "{kind} pooled={pooled}");
     }
 }
 
