@@ -173,6 +173,7 @@ macro_rules! __conformance_cases {
             lifecycle::closed_while_registered_is_silent,
             lifecycle::closed_regular_file_while_registered_is_silent,
             lifecycle::stale_watch_never_reports_the_file_that_reused_its_number,
+            lifecycle::stale_watch_added_over_in_its_own_pass_is_not_called,
             lifecycle::eventfd_replaced_on_the_same_number_is_a_new_registration,
             lifecycle::net_zero_changes_cost_no_kernel_change,
             lifecycle::many_fds_few_active,

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use crate::fence;
 use crate::invokes::{Batch, Invokes};
 use crate::local::{LoopLocal, WeakLoopLocal, thread_mark};
-use crate::table::{FileIdent, Garbage, REMOVED, State, Taken, TimerFn, Wake, WatchCell};
+use crate::table::{DETACHED, FileIdent, Garbage, REMOVED, State, Taken, TimerFn, Wake, WatchCell};
 use crate::timers::Due;
 use crate::waker::Waker;
 use crate::{Backend, Clock, Error, Events, Frequency, Readiness, TimerId, Token, WatchId};
@@ -894,7 +894,7 @@ impl<B: Backend> EventLoop<B> {
             // thread before and after the pass, never inside it (callbacks reach the table
             // only through the handle, which never purges, and `clear` needs the loop).
             let flags = unsafe { t.cell.flags() }.load(Ordering::Acquire);
-            if flags & REMOVED != 0 {
+            if flags & (REMOVED | DETACHED) != 0 {
                 continue;
             }
             let events = Events::from_bits_truncate(flags);

@@ -129,8 +129,9 @@
 //!   spins, and removing the stale watch afterwards succeeds and drops its state once. While
 //!   the number stays closed the watch gets at most one more report (an io_uring poll in
 //!   flight holds the file open until it completes), then stays silent. Once a watch is added
-//!   for a file that reused the number, the stale watch leaves the fan-out and never reports
-//!   again, on every backend. Between that reuse and that add, epoll and portable keep the
+//!   for a file that reused the number, the stale watch leaves the fan-out and is not called
+//!   again, on every backend, not even later in the dispatch pass that runs the add (a call
+//!   that began on the loop thread while another thread adds may still finish). Between that reuse and that add, epoll and portable keep the
 //!   stale watch silent (the kernel dropped its registration with the file), but poll,
 //!   io_uring and the scripted backend wait on numbers, not files, and report the new file's
 //!   readiness to the stale watch: telling the files apart would cost an `fstat` per report,

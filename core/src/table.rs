@@ -62,8 +62,9 @@ pub(crate) struct FileIdent {
 /// other threads reach only the two atomics, through [`CellRef`]'s field projections, never
 /// through a reference to the whole cell.
 pub(crate) struct WatchCell<F: ?Sized = WatchFn> {
-    /// The watch's events, or [`REMOVED`]: written under the lock by every change, read by
-    /// the dispatch pass with one atomic load just before the callback would run.
+    /// The watch's events (with [`DETACHED`] once its file is gone), or [`REMOVED`]: written
+    /// under the lock by every change, read by the dispatch pass with one atomic load just
+    /// before the callback would run.
     flags: AtomicU32,
     /// The number of the dispatch pass that took the watch (odd), or 0: written by the loop
     /// under the lock, read by changers under the lock (see [`State::in_pass`]).
@@ -188,6 +189,11 @@ pub(crate) struct Taken {
 /// The bit of a watch's flags that says the watch was removed (the low bits are its events).
 pub(crate) const REMOVED: u32 = 1 << 31;
 
+/// The bit of a watch's flags that says the watch is out of its fd's fan-out: a watch was
+/// added for another file on its number (its own file was closed while watched). The
+/// dispatch pass skips it, also when the pass had already taken it.
+pub(crate) const DETACHED: u32 = 1 << 30;
+
 /// One kernel registration, shared by every watch on the same fd number.
 ///
 /// The fields dispatch reads come first (`repr(C)`), so that the token check and the first
@@ -299,7 +305,14 @@ impl State {
                         // Watches still here belong to the closed file: they must never
                         // receive the new file's events.
                         for stale in std::mem::take(&mut entry.watches) {
-                            self.watches[stale.slot].detached = true;
+                            let watch = &mut self.watches[stale.slot];
+                            watch.detached = true;
+                            // Seen by a dispatch pass that already took it (this add may
+                            // come from a callback that runs before it).
+                            watch
+                                .cell
+                                .flags()
+                                .store(watch.events.bits() | DETACHED, SeqCst);
                         }
                     }
                     self.mark_dirty(slot);
@@ -367,7 +380,8 @@ impl State {
         let taken = Self::in_pass(&watch.cell, pass);
         if watch.events != events {
             watch.events = events;
-            watch.cell.flags().store(events.bits(), SeqCst);
+            let detached = if watch.detached { DETACHED } else { 0 };
+            watch.cell.flags().store(events.bits() | detached, SeqCst);
             if !watch.detached {
                 let slot = watch.fd_slot;
                 self.mark_dirty(slot);

@@ -1,6 +1,6 @@
 //! Ids, errors, the lifetime of callback state, fd edge cases, kernel-set bookkeeping, panics.
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -353,6 +353,64 @@ pub fn stale_watch_never_reports_the_file_that_reused_its_number<B: Backend>() {
     log.take();
     run_iterations(&mut lp, 1);
     assert_eq!(log.events_of(new), vec![Events::READABLE]);
+}
+
+/// The same contract violation, raced by the dispatch pass itself: the stale watch was
+/// reported ready in this iteration, and a callback that runs before it (a lower id) closes
+/// its fd, opens another file on the number and adds a watch for it. From that add on, the
+/// stale watch is out of the fan-out: it is not called later in the same pass either.
+pub fn stale_watch_added_over_in_its_own_pass_is_not_called<B: Backend>() {
+    let mut lp = new_loop::<B>();
+    let h = lp.handle().clone();
+    let (first_r, first_w) = pipe();
+    let (stale_r, stale_w) = pipe();
+    let (new_r, new_w) = pipe();
+    let number = raw(&stale_r);
+    let log = Recorder::new();
+    // Moved into the first watch's callback, which puts another file on the stale number.
+    let swap = Arc::new(Mutex::new(Some((stale_r, new_r))));
+    let added = Arc::new(Mutex::new(None::<WatchId>));
+    let first = {
+        let (swap, added, log) = (Arc::clone(&swap), Arc::clone(&added), log.clone());
+        h.add_handle(raw(&first_r), Events::READABLE, move |h, id, _, ev| {
+            log.push(Fired::Watch(id, ev));
+            let Some((mut stale_r, new_r)) = swap.lock().unwrap().take() else {
+                return;
+            };
+            rustix::io::dup2(&new_r, &mut stale_r).unwrap();
+            drop(new_r);
+            let new = h.add_handle(number, Events::READABLE, log.watch()).unwrap();
+            *added.lock().unwrap() = Some(new);
+            // Kept open (the number now names the new pipe) until the test ends.
+            std::mem::forget(stale_r);
+        })
+        .unwrap()
+    };
+    let stale = h.add_handle(number, Events::READABLE, log.watch()).unwrap();
+    assert!(first < stale);
+    // Both ready before the iteration that reports them together.
+    write(&first_w, b"x");
+    write(&stale_w, b"old file");
+    write(&new_w, b"new file");
+    run_until(&mut lp, "the first watch", || {
+        !log.events_of(first).is_empty()
+    });
+    let new = added
+        .lock()
+        .unwrap()
+        .expect("the first callback added a watch");
+    run_until(&mut lp, "the new watch", || !log.events_of(new).is_empty());
+    run_iterations(&mut lp, 3);
+    assert!(
+        log.events_of(stale).is_empty(),
+        "the stale watch ran after a watch was added over its number: {}",
+        summary(&log.take())
+    );
+    h.remove_handle(stale).unwrap();
+    h.remove_handle(new).unwrap();
+    run_iterations(&mut lp, 1);
+    // SAFETY: the number was left open by the callback (forgotten); nothing else owns it.
+    drop(unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(number) });
 }
 
 /// An eventfd removed, replaced by another eventfd on the same number (`dup2`) and watched
