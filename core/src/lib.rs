@@ -131,11 +131,12 @@
 //!   flight holds the file open until it completes), then stays silent. Once a watch is added
 //!   for a file that reused the number, the stale watch leaves the fan-out and is not called
 //!   again, on every backend, not even later in the dispatch pass that runs the add (a call
-//!   that began on the loop thread while another thread adds may still finish). Between that reuse and that add, epoll and portable keep the
-//!   stale watch silent (the kernel dropped its registration with the file), but poll,
-//!   io_uring and the scripted backend wait on numbers, not files, and report the new file's
-//!   readiness to the stale watch: telling the files apart would cost an `fstat` per report,
-//!   more than the whole dispatch. So remove first, then close. (If another fd still refers
+//!   that began on the loop thread while another thread adds may still finish). Between
+//!   that reuse and that add, epoll and portable keep the stale watch silent (the kernel
+//!   dropped its registration with the file), but poll, io_uring and the scripted backend
+//!   wait on numbers, not files, and report the new file's readiness to the stale watch:
+//!   telling the files apart would cost an `fstat` per report, more than the whole
+//!   dispatch. So remove first, then close. (If another fd still refers
 //!   to the same open file, epoll keeps reporting that file while poll reports nothing; which
 //!   one you get is unspecified.)
 #![deny(missing_docs)]
