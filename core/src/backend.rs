@@ -130,8 +130,9 @@ impl std::fmt::Debug for Clock {
 ///    silent (poll silences `POLLNVAL`; epoll loses the registration with the last reference
 ///    to the file; io_uring's re-arm fails with `EBADF`). A later
 ///    [`deregister`](Backend::deregister) may fail with `EBADF`, `ENOENT` or `EPERM` (the
-///    number reused by a file that cannot be polled), which the core ignores. Readiness the backend cannot attribute to a current registration (the kernel
-///    kept a registration for a file that was closed and replaced) is reported with
+///    number reused by a file that cannot be polled), which the core ignores. Readiness the
+///    backend cannot attribute to a current registration (the kernel kept a registration for
+///    a file that was closed and replaced) is reported with
 ///    [`Token::UNKNOWN`] or its old token, never with a current one.
 /// 8. **Timeouts.** `wait(None)` blocks until an event or a wakeup; `wait(Some(d))` returns
 ///    after at most about `d`, never *before* `d` unless an event arrived (round up, never

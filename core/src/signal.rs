@@ -34,8 +34,9 @@
 //! (`kill`, `sigqueue`, `tgkill`, and the child of a `SIGCHLD`).
 //!
 //! At most 128 signal watches and `SIGCHLD`-fallback child watches (below) exist in a
-//! process at a time, together; their pipes are kept for reuse after removal, never closed, so that a handler
-//! running on another thread never writes into an fd number that was closed and reused.
+//! process at a time, together; their pipes are kept for reuse after removal, never closed,
+//! so that a handler running on another thread never writes into an fd number that was
+//! closed and reused.
 //!
 //! # Child processes
 //!

@@ -1,9 +1,10 @@
 //! The loop's timers: a slab of timers, a sequential map from ids to slots, and a heap of
 //! deadlines with lazy deletion.
 //!
-//! Ids map to slots through an [`IdMap`] (sequential, cache-friendly). Every [`set`](Timers::set) gives the timer a generation that is unique
-//! for the life of the loop; a heap entry is current only while its slot still holds that
-//! generation (in `live`, a dense array the heap's compaction scans cheaply).
+//! Ids map to slots through an [`IdMap`] (sequential, cache-friendly). Every
+//! [`set`](Timers::set) gives the timer a generation that is unique for the life of the loop;
+//! a heap entry is current only while its slot still holds that generation (in `live`, a
+//! dense array the heap's compaction scans cheaply).
 //!
 //! Everything here runs under the state mutex and never calls user code.
 
