@@ -155,7 +155,8 @@ pub fn report(opts: &ContentionOptions, mut progress: impl FnMut(&str)) -> io::R
     let all: Vec<String> = crate::pipes::systems()
         .into_iter()
         .filter(|s| {
-            (s.starts_with("vireo-") && !s.starts_with("vireo-any-")) || PEERS.contains(&s.as_str())
+            (s.starts_with("vireo-") && !s.starts_with("vireo-any-") && s != crate::pipes::PAUSE)
+                || PEERS.contains(&s.as_str())
         })
         .collect();
     let chosen = crate::report::choose(&all, &opts.systems)?;
