@@ -807,8 +807,8 @@ pub fn report(
              from the file it named); raw epoll, mio, polling and libevent delete and add the \
              kernel registration; libev stops, sets (ev_io_set) and starts its watcher, and \
              checks it with one epoll_ctl call; libuv stops and starts its poll handle. With \
-             9900 pipes that pass over every file also leaves the dispatch after it colder \
-             caches. vireo-epoll-pause re-arms each watch by pausing and resuming it with \
+             9900 pipes vireo's pass of fstat calls also slows the dispatch that follows it (a \
+             trial without them matched libev's dispatch). vireo-epoll-pause re-arms each watch by pausing and resuming it with \
              update_handle instead (the same fd kept, as libev's stop and start would): no \
              fstat, no allocation, no kernel change"
                 .to_owned(),

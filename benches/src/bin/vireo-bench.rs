@@ -29,8 +29,9 @@ enum Command {
     /// at several client counts and payload sizes, driven by the same load generator.
     Rpc(RpcArgs),
     /// libevent's bench.c: N socketpairs, A active, W chained writes; dispatch and setup time of
-    /// vireo on every backend beside raw epoll/poll loops, mio, polling, calloop, and the C
-    /// loops libev, libevent and libuv where they are installed.
+    /// vireo on every backend (and vireo-epoll-pause, re-arming by pause and resume) beside raw
+    /// epoll/poll loops, mio, polling, calloop, and the C loops libev, libevent and libuv
+    /// where they are installed.
     Pipes(PipesArgs),
     /// Timers: add + cancel of many timers, and thousands of periodic timers (CPU per firing,
     /// lateness, never early); vireo on every backend beside calloop.

@@ -40,7 +40,8 @@ pub(super) fn available() -> Vec<String> {
         .filter(|name| match *name {
             "libev" => LibEv::api().is_ok(),
             "libevent" => LibEvent::api().is_ok(),
-            _ => LibUv::api().is_ok(),
+            "libuv" => LibUv::api().is_ok(),
+            _ => false,
         })
         .map(str::to_owned)
         .collect()
